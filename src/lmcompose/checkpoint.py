@@ -1,0 +1,197 @@
+"""Composition files: ``composition_config.json`` + ``composition.safetensors``, written atomically."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence, Union
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__, introspect
+from .config import CompositionConfig
+
+CONFIG_NAME = "composition_config.json"
+WEIGHTS_NAME = "composition.safetensors"
+FORMAT_VERSION = 1
+
+
+class CompositionMismatchError(ValueError):
+    """A saved composition does not fit the base models it is being loaded onto."""
+
+
+def atomic_write(path: Union[str, Path], write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` then move the result to ``path``: readers see the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path: Union[str, Path], text: str) -> None:
+    """Write a text file atomically."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
+def composition_metadata(model: Any) -> dict[str, Any]:
+    """The JSON side of a composition: config, resolved connections, dimensions, base fingerprints."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "lmcompose_version": __version__,
+        "config": model.composition_config.to_dict(),
+        "connections": [[list(p) for p in pairs] for pairs in model.resolved_connections],
+        "anchor_hidden_size": introspect.hidden_size(model.anchor),
+        "augment_hidden_sizes": [introspect.hidden_size(m) for m in model.augments],
+        "num_heads": model.connections[0][0].num_heads,
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "anchor": introspect.fingerprint(model.anchor),
+        "augments": [introspect.fingerprint(m) for m in model.augments],
+    }
+
+
+def save_composition(model: Any, path: Union[str, Path]) -> None:
+    """Write ``model``'s composition to directory ``path`` (never the base models).
+
+    Weights are written before the JSON, each file atomically, and the JSON records the weights'
+    size so a pair from two different saves is detected on load.
+    """
+    path = Path(path)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.composition_state_dict().items()}
+    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    meta = composition_metadata(model)
+    meta["weights_bytes"] = os.path.getsize(path / WEIGHTS_NAME)
+    meta["tensors"] = {k: list(v.shape) for k, v in state.items()}
+    atomic_write_text(path / CONFIG_NAME, json.dumps(meta, indent=2))
+
+
+def read_metadata(path: Union[str, Path]) -> dict[str, Any]:
+    """Read and check a composition directory's JSON; errors say which file and what is wrong."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"No composition directory at {path}")
+    config_file = path / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} holds no {CONFIG_NAME}: is it a composition saved by lmcompose?")
+    if not (path / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"{path} holds no {WEIGHTS_NAME}: the composition weights are missing")
+    try:
+        meta = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config_file} is not valid JSON ({err}); the file is damaged or truncated") from err
+    for key in ("config", "connections", "anchor", "augments"):
+        if not isinstance(meta, dict) or key not in meta:
+            raise ValueError(f"{config_file} has no {key!r} entry; it is not an lmcompose composition config")
+    if meta.get("format_version", 1) > FORMAT_VERSION:
+        raise ValueError(
+            f"{config_file} was written by a newer lmcompose (format {meta['format_version']}); upgrade lmcompose"
+        )
+    return meta
+
+
+def compare_fingerprints(saved: dict[str, Any], current: dict[str, Any], role: str) -> tuple[list[str], list[str]]:
+    """Differences between a saved fingerprint and a model's: (errors, warnings), each a readable line."""
+    errors, notes = [], []
+    for key in ("model_type", "hidden_size", "num_layers", "vocab_size"):
+        if key in saved and saved[key] != current[key]:
+            errors.append(f"{role} {key}: saved {saved[key]!r}, given {current[key]!r}")
+    old_sig, new_sig = saved.get("weight_signature"), current["weight_signature"]
+    if old_sig is not None and not errors:
+        close = len(old_sig) == len(new_sig) and all(
+            math.isclose(x, y, rel_tol=2e-2, abs_tol=2e-3) for x, y in zip(old_sig, new_sig)
+        )
+        if not close:
+            errors.append(f"{role} weights differ from those the composition was trained on (embedding sample)")
+    if saved.get("name_or_path") and saved["name_or_path"] != current["name_or_path"]:
+        notes.append(f"{role} was loaded from {saved['name_or_path']!r}, now from {current['name_or_path']!r}")
+    return errors, notes
+
+
+def load_composition(
+    cls: type,
+    path: Union[str, Path],
+    anchor: nn.Module,
+    augment: Union[nn.Module, Sequence[nn.Module]],
+    *,
+    strict: bool = True,
+    **kwargs: Any,
+) -> Any:
+    """Build ``cls(anchor, augment, config)`` from a saved composition and load its weights."""
+    path = Path(path)
+    meta = read_metadata(path)
+    augments = list(augment) if isinstance(augment, (list, tuple)) else [augment]
+    if len(augments) != len(meta["augments"]):
+        raise CompositionMismatchError(
+            f"{path} composes {len(meta['augments'])} augment model(s) but {len(augments)} were given"
+        )
+    errors, notes = compare_fingerprints(meta["anchor"], introspect.fingerprint(anchor), "anchor")
+    for a, (saved, model) in enumerate(zip(meta["augments"], augments)):
+        role = "augment" if len(augments) == 1 else f"augment {a}"
+        e, n = compare_fingerprints(saved, introspect.fingerprint(model), role)
+        errors += e
+        notes += n
+    if errors:
+        message = f"The composition at {path} was made for other base models:\n  " + "\n  ".join(errors)
+        if strict:
+            raise CompositionMismatchError(message + "\nLoad the bases it was trained on, or pass strict=False.")
+        warnings.warn(message)
+    for note in notes:
+        warnings.warn(note)
+
+    config_data = dict(meta["config"])
+    config_data["num_connections"] = None
+    config_data["connections"] = meta["connections"]
+    config_data["num_heads"] = meta.get("num_heads", config_data.get("num_heads"))
+    model = cls(anchor, augments, CompositionConfig.from_dict(config_data), **kwargs)
+
+    weights_file = path / WEIGHTS_NAME
+    expected_bytes = meta.get("weights_bytes")
+    if expected_bytes is not None and os.path.getsize(weights_file) != expected_bytes:
+        raise ValueError(
+            f"{weights_file} has {os.path.getsize(weights_file)} bytes but {CONFIG_NAME} records {expected_bytes}: "
+            "the file is truncated or belongs to another save"
+        )
+    try:
+        state = load_file(str(weights_file))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{weights_file} cannot be read as safetensors ({err}); the file is damaged") from err
+    own = model.connections.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        details = []
+        if missing:
+            details.append(f"missing tensors {missing[:5]}")
+        if unexpected:
+            details.append(f"unexpected tensors {unexpected[:5]}")
+        for k in wrong[:5]:
+            details.append(f"{k}: file has {tuple(state[k].shape)}, model needs {tuple(own[k].shape)}")
+        raise ValueError(f"{weights_file} does not match {CONFIG_NAME}: " + "; ".join(details))
+    model.connections.load_state_dict(state)
+    return model

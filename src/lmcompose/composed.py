@@ -1,0 +1,412 @@
+"""ComposedModel: a frozen anchor, frozen augmenting models, and trainable connections between them."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from . import introspect
+from .config import CompositionConfig, resolve_connections
+from .cross_attention import CrossAttention
+from .masking import cross_mask, positions_from_mask, same_position_limit
+
+KeyValues = list[tuple[torch.Tensor, torch.Tensor]]  # one (keys, values) pair per connection, each (b, h, s, d)
+
+
+class _StopForward(Exception):
+    """Raised by a capture hook once the highest connected augment block has run."""
+
+
+class ComposedModel(nn.Module):
+    """An anchor LM composed with one or more augmenting LMs through trained cross-attention (CALM).
+
+    Both kinds of base model stay frozen; only :meth:`composition_parameters` are trainable. The
+    output projection of every connection starts at zero, so a fresh composition computes exactly
+    the anchor's logits.
+
+    Args:
+        anchor: the transformers causal LM that produces the output (m_B).
+        augment: one augmenting causal LM (m_A), or a list of them.
+        config: which layers to connect and how; the paper's defaults when None.
+        tokenizer: the anchor's tokenizer (optional; used by :meth:`tokenize` and stop strings).
+        augment_tokenizer: the augment's tokenizer, one per augment, when it differs from the anchor's.
+    """
+
+    def __init__(
+        self,
+        anchor: nn.Module,
+        augment: Union[nn.Module, Sequence[nn.Module]],
+        config: Optional[CompositionConfig] = None,
+        *,
+        tokenizer: Any = None,
+        augment_tokenizer: Any = None,
+    ) -> None:
+        super().__init__()
+        augments = list(augment) if isinstance(augment, (list, tuple)) else [augment]
+        if not augments:
+            raise ValueError("Give at least one augment model")
+        introspect.check_causal_lm(anchor, "anchor")
+        for a, model in enumerate(augments):
+            introspect.check_causal_lm(model, _augment_name(a, len(augments)))
+        self.composition_config = config if config is not None else CompositionConfig()
+        self.anchor = anchor
+        self.augments = nn.ModuleList(augments)
+        self.tokenizer = tokenizer
+        self.augment_tokenizers = _per_augment(augment_tokenizer, len(augments))
+        self._check_vocabularies()
+        for model in (anchor, *augments):
+            model.requires_grad_(False)
+            model.eval()
+
+        self._anchor_blocks = tuple(introspect.decoder_blocks(anchor))
+        self._augment_blocks = [tuple(introspect.decoder_blocks(m)) for m in augments]
+        self.resolved_connections = resolve_connections(
+            self.composition_config, [len(b) for b in self._augment_blocks], len(self._anchor_blocks)
+        )
+        self.connections = nn.ModuleList(
+            nn.ModuleList(self._build_connection(model) for _ in pairs)
+            for model, pairs in zip(augments, self.resolved_connections)
+        )
+        self.connections.to(device=introspect.model_device(anchor), dtype=introspect.model_dtype(anchor))
+        self._composition_enabled = True
+
+    # ----------------------------------------------------------------- construction
+
+    def _build_connection(self, augment: nn.Module) -> CrossAttention:
+        config = self.composition_config
+        anchor = self.anchor
+        heads = config.num_heads or introspect.num_attention_heads(anchor)
+        anchor_dim = introspect.hidden_size(anchor)
+        if anchor_dim % heads:
+            raise ValueError(
+                f"num_heads={heads} does not divide the anchor's hidden size {anchor_dim}; "
+                "choose num_heads among its divisors"
+            )
+        auto = config.norm == "auto"
+        return CrossAttention(
+            augment_dim=introspect.hidden_size(augment),
+            anchor_dim=anchor_dim,
+            num_heads=heads,
+            augment_norm=introspect.norm_kind(augment) if auto else config.norm,
+            anchor_norm=introspect.norm_kind(anchor) if auto else config.norm,
+            augment_eps=introspect.norm_eps(augment),
+            anchor_eps=introspect.norm_eps(anchor),
+            rotary=config.rotary,
+            proj_bias=config.proj_bias,
+        )
+
+    def _check_vocabularies(self) -> None:
+        anchor_vocab = introspect.vocab_size(self.anchor)
+        for a, model in enumerate(self.augments):
+            if self.augment_tokenizers[a] is not None:
+                continue  # different tokenizers: texts are aligned by character offsets
+            vocab = introspect.vocab_size(model)
+            if vocab != anchor_vocab:
+                raise ValueError(
+                    f"The anchor's vocabulary has {anchor_vocab} tokens but {_augment_name(a, len(self.augments))}'s "
+                    f"has {vocab}: the models do not share a tokenizer. Pass tokenizer= and augment_tokenizer= "
+                    "so each model reads its own tokens of the same text."
+                )
+
+    def shares_tokenizer(self, a: int = 0) -> bool:
+        """Whether augment ``a`` reads the anchor's token ids."""
+        return self.augment_tokenizers[a] is None
+
+    # ----------------------------------------------------------------- parameters and modes
+
+    def composition_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters: those of the connections, nothing of the base models."""
+        return list(self.connections.parameters())
+
+    def composition_state_dict(self) -> dict[str, torch.Tensor]:
+        """The connections' weights, keyed ``"{augment}.{connection}.{name}"``."""
+        return {k: v.detach() for k, v in self.connections.state_dict().items()}
+
+    def summary(self) -> str:
+        """One line: trainable composition parameters vs all parameters."""
+        trainable = sum(p.numel() for p in self.composition_parameters())
+        total = sum(p.numel() for p in self.parameters())
+        count = sum(len(c) for c in self.resolved_connections)
+        return (
+            f"trainable params: {trainable:,} || all params: {total:,} || trainable%: "
+            f"{100 * trainable / total:.4f} || connections: {count}"
+        )
+
+    def print_trainable_parameters(self) -> None:
+        """Print :meth:`summary`."""
+        print(self.summary())
+
+    def train(self, mode: bool = True) -> "ComposedModel":
+        """Set the connections' training mode; the base models always stay in eval mode."""
+        super().train(mode)
+        self.anchor.eval()
+        self.augments.eval()
+        return self
+
+    @contextmanager
+    def disable_composition(self) -> Iterator["ComposedModel"]:
+        """Inside this block the model computes exactly what the anchor alone computes."""
+        previous = self._composition_enabled
+        self._composition_enabled = False
+        try:
+            yield self
+        finally:
+            self._composition_enabled = previous
+
+    @property
+    def composition_enabled(self) -> bool:
+        """False inside :meth:`disable_composition`."""
+        return self._composition_enabled
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the anchor."""
+        return introspect.model_device(self.anchor)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the anchor (and of the connections)."""
+        return introspect.model_dtype(self.anchor)
+
+    # ----------------------------------------------------------------- building blocks
+
+    def augment_hidden(
+        self,
+        a: int,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        cache: Any = None,
+    ) -> dict[int, torch.Tensor]:
+        """Run augment ``a`` (no graph) up to its highest connected block and capture block outputs.
+
+        Args:
+            a: index of the augment model.
+            input_ids: (b, s) the augment's token ids (new tokens only when ``cache`` holds the past).
+            attention_mask: (b, s_total) over past and new tokens, or None.
+            position_ids: (b, s) or None.
+            cache: the augment's own KV cache, advanced in place; None for a plain forward.
+        Returns:
+            {augment_layer: (b, s, D_A)} for every connected layer of augment ``a``.
+        """
+        model = self.augments[a]
+        blocks = self._augment_blocks[a]
+        layers = sorted({i for i, _ in self.resolved_connections[a]})
+        captured: dict[int, torch.Tensor] = {}
+
+        def capture(layer: int):
+            def hook(module: nn.Module, args: Any, output: Any) -> None:
+                captured[layer] = output[0] if isinstance(output, (tuple, list)) else output
+                if layer == layers[-1]:
+                    raise _StopForward  # nothing above the last connected block is needed
+
+            return hook
+
+        kwargs = _model_kwargs(model, attention_mask, position_ids)
+        if cache is not None:
+            kwargs.update(past_key_values=cache, use_cache=True)
+        else:
+            kwargs["use_cache"] = False
+        handles = [blocks[i].register_forward_hook(capture(i)) for i in layers]
+        try:
+            with torch.no_grad():
+                model(input_ids=input_ids, **kwargs)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        missing = [i for i in layers if i not in captured]
+        if missing:
+            raise RuntimeError(f"Augment blocks {missing} did not run; is {type(model).__name__} a decoder-only LM?")
+        return captured
+
+    def project(
+        self, a: int, states: dict[int, torch.Tensor], positions: Optional[torch.Tensor] = None
+    ) -> KeyValues:
+        """Keys and values of every connection of augment ``a`` from its captured block outputs.
+
+        Args:
+            states: {augment_layer: (b, s, D_A)} from :meth:`augment_hidden`.
+            positions: (b, s) augment positions (used by rotary connections).
+        Returns:
+            one (keys, values) pair per connection, each (b, h, s, d).
+        """
+        if positions is None and self.composition_config.rotary:
+            some = next(iter(states.values()))
+            positions = torch.arange(some.shape[1], device=some.device)[None].expand(some.shape[0], -1)
+        return [
+            connection.project(states[i], positions)
+            for connection, (i, _) in zip(self.connections[a], self.resolved_connections[a])
+        ]
+
+    @contextmanager
+    def attach(
+        self,
+        key_values: Sequence[KeyValues],
+        masks: Sequence[Optional[torch.Tensor]],
+        positions: Optional[torch.Tensor] = None,
+    ) -> Iterator[None]:
+        """While active, each connected anchor block adds its cross-attention update to its output.
+
+        Args:
+            key_values: per augment, the (keys, values) of each connection.
+            masks: per augment, a (b, 1, t, s) bool mask, or None for causal same-position attention.
+            positions: (b, t) anchor query positions (rotary connections).
+        """
+        by_layer: dict[int, list] = {}
+        for a, pairs in enumerate(self.resolved_connections):
+            for c, (_, j) in enumerate(pairs):
+                keys, values = key_values[a][c]
+                by_layer.setdefault(j, []).append((self.connections[a][c], keys, values, masks[a]))
+
+        def update(entries: list):
+            def hook(module: nn.Module, args: Any, output: Any) -> Any:
+                hidden = output[0] if isinstance(output, (tuple, list)) else output  # (b, t, D_B)
+                delta = None
+                for connection, keys, values, mask in entries:
+                    d = connection(hidden, keys, values, mask, positions)
+                    delta = d if delta is None else delta + d
+                hidden = hidden + delta.to(hidden.dtype)
+                if isinstance(output, (tuple, list)):
+                    return type(output)((hidden, *output[1:]))
+                return hidden
+
+            return hook
+
+        if positions is None and self.composition_config.rotary:
+            raise ValueError("rotary connections need the anchor's query positions")
+        handles = [self._anchor_blocks[j].register_forward_hook(update(e)) for j, e in by_layer.items()]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    # ----------------------------------------------------------------- forward
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        *,
+        position_ids: Optional[torch.Tensor] = None,
+        augment_input_ids: Optional[Sequence[torch.Tensor]] = None,
+        augment_attention_mask: Optional[Sequence[Optional[torch.Tensor]]] = None,
+        augment_limits: Optional[Sequence[torch.Tensor]] = None,
+        augment_states: Optional[Sequence[dict[int, torch.Tensor]]] = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Composed forward pass; returns the anchor's output (``.logits``, ``.loss`` when ``labels``).
+
+        Args:
+            input_ids: (b, t) anchor token ids.
+            attention_mask: (b, t) 1 for tokens, 0 for padding (left or right).
+            labels: (b, t) targets as in transformers (shifted inside; -100 ignored).
+            position_ids: (b, t); derived from ``attention_mask`` when None, so padding does not move positions.
+            augment_input_ids: per augment, (b, s) ids of the same text in the augment's tokenizer.
+                None: the augments share the anchor's tokenizer and read ``input_ids``.
+            augment_attention_mask: per augment, (b, s) padding mask of ``augment_input_ids``.
+            augment_limits: per augment, (b, t) long: anchor token t may read augment tokens < limit.
+            augment_states: per augment, precomputed {augment_layer: (b, s, D_A)}; skips the augments.
+            **kwargs: passed to the anchor's forward.
+        """
+        anchor_kwargs = dict(kwargs)
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)
+        anchor_kwargs.update(_model_kwargs(self.anchor, attention_mask, position_ids))
+        if not self._composition_enabled:
+            return self.anchor(input_ids=input_ids, labels=labels, **anchor_kwargs)
+
+        b, t = input_ids.shape
+        key_values, masks = [], []
+        for a in range(len(self.augments)):
+            if self.shares_tokenizer(a) and augment_input_ids is None:
+                ids, mask, positions, limit = input_ids, attention_mask, position_ids, None
+            else:
+                if augment_input_ids is None or augment_limits is None:
+                    raise ValueError(
+                        f"{_augment_name(a, len(self.augments))} has its own tokenizer: pass augment_input_ids and "
+                        "augment_limits (model.tokenize(texts) builds them)"
+                    )
+                ids = augment_input_ids[a]
+                mask = augment_attention_mask[a] if augment_attention_mask is not None else None
+                positions, limit = positions_from_mask(mask), augment_limits[a]
+            if augment_states is not None:
+                states = augment_states[a]
+            else:
+                states = self.augment_hidden(a, ids, mask, positions)
+            key_values.append(self.project(a, states, positions))
+            s = ids.shape[1]
+            if limit is None and mask is None:
+                masks.append(None)  # plain causal: anchor t reads augment 0..t
+            else:
+                if limit is None:
+                    limit = same_position_limit(b, t, 0, input_ids.device)
+                masks.append(cross_mask(limit, mask, s))
+        query_positions = position_ids
+        if query_positions is None and self.composition_config.rotary:
+            query_positions = torch.arange(t, device=input_ids.device)[None].expand(b, -1)
+        with self.attach(key_values, masks, query_positions):
+            return self.anchor(input_ids=input_ids, labels=labels, **anchor_kwargs)
+
+    # ----------------------------------------------------------------- generation and files
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs: Any) -> torch.Tensor:
+        """Decode with both models' caches; see :func:`lmcompose.generation.generate` for the arguments."""
+        from .generation import generate
+
+        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+
+    def save_composition(self, path: str) -> None:
+        """Write the composition (config, base fingerprints, connection weights) to directory ``path``."""
+        from .checkpoint import save_composition
+
+        save_composition(self, path)
+
+    @classmethod
+    def from_composition(
+        cls,
+        path: str,
+        anchor: nn.Module,
+        augment: Union[nn.Module, Sequence[nn.Module]],
+        *,
+        strict: bool = True,
+        **kwargs: Any,
+    ) -> "ComposedModel":
+        """Load a saved composition onto ``anchor`` and ``augment``; refuses bases that do not match.
+
+        Args:
+            strict: when False, a base-model mismatch is a warning instead of an error.
+            **kwargs: ``tokenizer=``, ``augment_tokenizer=`` as in the constructor.
+        """
+        from .checkpoint import load_composition
+
+        return load_composition(cls, path, anchor, augment, strict=strict, **kwargs)
+
+
+def _model_kwargs(
+    model: nn.Module, attention_mask: Optional[torch.Tensor], position_ids: Optional[torch.Tensor]
+) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if position_ids is not None and introspect.accepts(model, "position_ids"):
+        kwargs["position_ids"] = position_ids
+    return kwargs
+
+
+def _augment_name(a: int, count: int) -> str:
+    return "the augment model" if count == 1 else f"augment model {a}"
+
+
+def _per_augment(value: Any, count: int) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise ValueError(f"Got {len(value)} augment tokenizers for {count} augment models")
+        return list(value)
+    return [value] * count

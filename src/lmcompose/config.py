@@ -1,0 +1,165 @@
+"""CompositionConfig: which layers are connected and how the cross-attention is shaped."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Sequence
+
+Connection = tuple[int, int]  # (augment_layer, anchor_layer), 0-indexed decoder blocks
+
+
+@dataclass
+class CompositionConfig:
+    """How an anchor and its augmenting models are connected (CALM, paper §3.1).
+
+    Every field has a default that follows the paper; leave a field at ``None`` to get it.
+    """
+
+    # n: evenly spaced layers in each model; None -> max(1, N_augment // 4) (paper: every 4th augment layer)
+    num_connections: Optional[int] = None
+    # explicit [(augment_layer, anchor_layer), ...]; with several augments, one such list per augment
+    connections: Optional[list] = None
+    # cross-attention heads; None -> the anchor's number of attention heads (paper)
+    num_heads: Optional[int] = None
+    # "auto" -> the anchor's own norm type (RMSNorm or LayerNorm); or "rms", "layer", "none"
+    norm: str = "auto"
+    # rotary position information between anchor queries and augment keys (beyond the paper; needs a
+    # shared tokenizer so positions agree). False keeps the paper's position-free cross-attention.
+    rotary: bool = False
+    # bias in f_proj (the augment -> anchor projection)
+    proj_bias: bool = True
+    extra: dict = field(default_factory=dict)  # free-form user metadata, saved with the composition
+
+    def __post_init__(self) -> None:
+        if self.num_connections is not None and (
+            not isinstance(self.num_connections, int) or self.num_connections < 1
+        ):
+            raise ValueError(f"num_connections must be a positive integer, got {self.num_connections!r}")
+        if self.num_heads is not None and (not isinstance(self.num_heads, int) or self.num_heads < 1):
+            raise ValueError(f"num_heads must be a positive integer, got {self.num_heads!r}")
+        if self.norm not in ("auto", "rms", "layer", "none"):
+            raise ValueError(f"norm must be one of 'auto', 'rms', 'layer', 'none'; got {self.norm!r}")
+        if self.connections is not None and self.num_connections is not None:
+            raise ValueError("Give either num_connections or connections, not both.")
+        if self.connections is not None:
+            self.connections = _normalise_connections(self.connections)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CompositionConfig":
+        """Build from :meth:`to_dict` output; unknown keys are an error naming them."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown CompositionConfig fields {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        """The config as a JSON string."""
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "CompositionConfig":
+        """Parse :meth:`to_json` output."""
+        return cls.from_dict(json.loads(text))
+
+
+def _normalise_connections(connections: Sequence) -> list:
+    """Pairs -> list of [i, j]; a list of pair-lists (one per augment) -> list of lists."""
+    if len(connections) == 0:
+        raise ValueError("connections is empty: give at least one (augment_layer, anchor_layer) pair")
+
+    def is_pair(x: Any) -> bool:
+        return isinstance(x, (list, tuple)) and len(x) == 2 and all(isinstance(v, int) for v in x)
+
+    if all(is_pair(c) for c in connections):
+        return [[int(i), int(j)] for i, j in connections]
+    if all(isinstance(group, (list, tuple)) and group and all(is_pair(c) for c in group) for group in connections):
+        return [[[int(i), int(j)] for i, j in group] for group in connections]
+    raise ValueError(
+        "connections must be [(augment_layer, anchor_layer), ...] with integer layer indices, "
+        f"or one such list per augment model; got {connections!r}"
+    )
+
+
+def parse_connections(text: str) -> list[list[int]]:
+    """Parse the command-line form ``"3:1,7:5"`` into ``[[3, 1], [7, 5]]``."""
+    pairs = []
+    for part in text.split(","):
+        part = part.strip()
+        bits = part.split(":")
+        if len(bits) != 2 or not all(b.strip().lstrip("-").isdigit() for b in bits):
+            raise ValueError(
+                f"Bad connection {part!r} in {text!r}: expected AUGMENT_LAYER:ANCHOR_LAYER pairs "
+                "separated by commas, e.g. 3:1,7:5"
+            )
+        pairs.append([int(bits[0]), int(bits[1])])
+    return pairs
+
+
+def evenly_spaced(num_layers: int, n: int) -> list[int]:
+    """n layer indices spread evenly over num_layers, ending at the last layer.
+
+    With num_layers = 4n this is every 4th layer: 3, 7, 11, ... (the paper's choice).
+    """
+    if n > num_layers:
+        raise ValueError(f"Cannot place {n} connections in a model with {num_layers} layers")
+    return [((k + 1) * num_layers) // n - 1 for k in range(n)]
+
+
+def resolve_connections(
+    config: CompositionConfig, augment_layers: Sequence[int], anchor_layers: int
+) -> list[list[Connection]]:
+    """The (augment_layer, anchor_layer) pairs of each augment, validated against the models.
+
+    Args:
+        config: the composition config.
+        augment_layers: number of decoder blocks of each augment model.
+        anchor_layers: number of decoder blocks of the anchor.
+    Returns:
+        one list of pairs per augment model.
+    """
+    num_augments = len(augment_layers)
+    if config.connections is not None:
+        conns = config.connections
+        if isinstance(conns[0][0], int):  # one list of pairs, shared by every augment
+            groups = [conns] * num_augments
+        else:
+            if len(conns) != num_augments:
+                raise ValueError(
+                    f"connections gives {len(conns)} lists of pairs but there are {num_augments} augment models"
+                )
+            groups = conns
+    else:
+        groups = []
+        for n_aug in augment_layers:
+            n = config.num_connections or max(1, n_aug // 4)
+            if n > min(n_aug, anchor_layers):
+                raise ValueError(
+                    f"num_connections={n} is more than the layers available "
+                    f"(augment has {n_aug}, anchor has {anchor_layers})"
+                )
+            groups.append(list(zip(evenly_spaced(n_aug, n), evenly_spaced(anchor_layers, n))))
+    resolved = []
+    for a, (group, n_aug) in enumerate(zip(groups, augment_layers)):
+        seen = set()
+        for i, j in group:
+            if not 0 <= i < n_aug:
+                raise ValueError(
+                    f"Connection ({i}, {j}) of augment {a}: augment layer {i} is out of range; "
+                    f"valid augment layers are 0..{n_aug - 1}"
+                )
+            if not 0 <= j < anchor_layers:
+                raise ValueError(
+                    f"Connection ({i}, {j}) of augment {a}: anchor layer {j} is out of range; "
+                    f"valid anchor layers are 0..{anchor_layers - 1}"
+                )
+            if (i, j) in seen:
+                raise ValueError(f"Connection ({i}, {j}) of augment {a} is given twice")
+            seen.add((i, j))
+        resolved.append([(int(i), int(j)) for i, j in group])
+    return resolved

@@ -1,0 +1,151 @@
+"""One CALM connection as a pure module: f_proj (augment -> anchor width) and f_cross (cross-attention).
+
+Legend: b batch, t anchor (query) positions, s augment (key) positions, h heads, d head dim,
+D_A augment width, D_B anchor width.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    """The norm a connection applies to its inputs: the kind the base model's own blocks use."""
+    if kind == "rms":
+        return nn.RMSNorm(dim, eps=eps)
+    if kind == "layer":
+        return nn.LayerNorm(dim, eps=eps)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"Unknown norm kind {kind!r}; expected 'rms', 'layer' or 'none'")
+
+
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """Rotate pairs of channels of ``x`` by angles proportional to ``positions`` (RoPE).
+
+    Args:
+        x: (b, h, n, d) with d even.
+        positions: (b, n) integer positions.
+    Returns:
+        (b, h, n, d), same dtype as ``x``.
+    """
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))  # (d/2,)
+    angles = positions.to(torch.float32)[:, None, :, None] * inv_freq  # (b, 1, n, d/2)
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]  # (b, h, n, d/2) each
+    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (b, h, n, d/2, 2)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+class CrossAttention(nn.Module):
+    """f_proj then multi-head attention with anchor queries and projected augment keys/values.
+
+    Computes ``delta = f_cross(f_proj(H_A), H_B)`` (paper §3.1); the caller adds ``delta`` to the
+    anchor's residual stream. The output projection starts at zero, so ``delta`` is 0 at init.
+
+    Args:
+        augment_dim: D_A, width of the augment's hidden states.
+        anchor_dim: D_B, width of the anchor's hidden states.
+        num_heads: attention heads; D_B must be divisible by it.
+        augment_norm, anchor_norm: "rms", "layer" or "none": pre-norm of each input, the kind that
+            model's own blocks use (hidden states in the residual stream are not normalised).
+        augment_eps, anchor_eps: epsilon of those norms.
+        rotary: add rotary position information between query and key positions.
+        proj_bias: bias in f_proj.
+    """
+
+    def __init__(
+        self,
+        augment_dim: int,
+        anchor_dim: int,
+        num_heads: int,
+        augment_norm: str = "rms",
+        anchor_norm: str = "rms",
+        augment_eps: float = 1e-6,
+        anchor_eps: float = 1e-6,
+        rotary: bool = False,
+        proj_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        if anchor_dim % num_heads != 0:
+            raise ValueError(f"The anchor width {anchor_dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = anchor_dim // num_heads
+        if rotary and self.head_dim % 2:
+            raise ValueError(f"rotary needs an even head dimension, got {self.head_dim}")
+        self.rotary = rotary
+        self.augment_norm = make_norm(augment_norm, augment_dim, augment_eps)
+        self.proj = nn.Linear(augment_dim, anchor_dim, bias=proj_bias)  # f_proj: D_A -> D_B
+        self.anchor_norm = make_norm(anchor_norm, anchor_dim, anchor_eps)
+        self.query = nn.Linear(anchor_dim, anchor_dim, bias=False)  # W^Q, all heads
+        self.key = nn.Linear(anchor_dim, anchor_dim, bias=False)  # W^K
+        self.value = nn.Linear(anchor_dim, anchor_dim, bias=False)  # W^V
+        self.out = nn.Linear(anchor_dim, anchor_dim, bias=False)  # W^O, zero at init
+        nn.init.zeros_(self.out.weight)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (b, h, n, d)
+
+    def project(
+        self, augment_hidden: torch.Tensor, positions: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values from augment hidden states.
+
+        Args:
+            augment_hidden: (b, s, D_A) output of the connected augment block.
+            positions: (b, s) positions of those tokens; needed when ``rotary``.
+        Returns:
+            keys and values, each (b, h, s, d), in this module's dtype.
+        """
+        x = augment_hidden.to(self.proj.weight.dtype)
+        x = self.proj(self.augment_norm(x))  # (b, s, D_B)
+        k, v = self._heads(self.key(x)), self._heads(self.value(x))  # (b, h, s, d)
+        if self.rotary:
+            k = apply_rotary(k, _require(positions, "key positions"))
+        return k, v
+
+    def forward(
+        self,
+        anchor_hidden: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        positions: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """The residual update for the anchor.
+
+        Args:
+            anchor_hidden: (b, t, D_B) output of the connected anchor block.
+            keys, values: (b, h, s, d) from :meth:`project`.
+            mask: (b, 1, t, s) bool, True where query t may read key s. None means causal with t == s.
+            positions: (b, t) query positions; needed when ``rotary``.
+        Returns:
+            (b, t, D_B) delta, to be added to ``anchor_hidden``.
+        """
+        b, t, dim = anchor_hidden.shape
+        q = self._heads(self.query(self.anchor_norm(anchor_hidden)))  # (b, h, t, d)
+        if self.rotary:
+            q = apply_rotary(q, _require(positions, "query positions"))
+        if mask is None:
+            if keys.shape[2] != t:
+                raise ValueError(f"A causal cross-attention needs as many keys as queries, got {keys.shape[2]} and {t}")
+            y = F.scaled_dot_product_attention(q, keys, values, is_causal=True)  # (b, h, t, d)
+        else:
+            # A query that may read no key at all (padding) gets a zero update instead of NaN.
+            empty = ~mask.any(dim=-1, keepdim=True)  # (b, 1, t, 1)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask | empty)
+            y = y.masked_fill(empty, 0.0)
+        y = y.transpose(1, 2).reshape(b, t, dim)  # (b, t, D_B)
+        return self.out(y)
+
+
+def _require(x: Optional[torch.Tensor], what: str) -> torch.Tensor:
+    if x is None:
+        raise ValueError(f"rotary cross-attention needs {what}")
+    return x

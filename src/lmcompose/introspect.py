@@ -1,0 +1,142 @@
+"""Find decoder blocks, hidden size, heads and norms of any transformers causal LM, by structure."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def check_causal_lm(model: Any, role: str) -> None:
+    """Raise a TypeError that says what to load instead when ``model`` is not a decoder-only causal LM."""
+    name = type(model).__name__
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise TypeError(
+            f"The {role} model must be a transformers causal LM (e.g. from AutoModelForCausalLM), got {name}"
+        )
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        raise TypeError(f"The {role} model {name} is an encoder-decoder model; lmcompose composes decoder-only causal LMs")
+    can_generate = getattr(model, "can_generate", None)
+    if model.get_output_embeddings() is None or (callable(can_generate) and not can_generate()):
+        raise TypeError(
+            f"The {role} model {name} is not a causal LM (no language-model head). "
+            "Load it with transformers.AutoModelForCausalLM.from_pretrained(...)"
+        )
+
+
+def text_config(model: nn.Module) -> Any:
+    """The text part of a model's config (the config itself for plain LMs)."""
+    config = model.config
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder blocks (``model.model.layers`` for Llama, ``transformer.h`` for GPT-2, ...).
+
+    Found by structure: the ModuleList of identical modules whose length is the config's layer count
+    (the longest such list when the config does not say).
+    """
+    expected = getattr(text_config(model), "num_hidden_layers", None)
+    candidates = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(m) for m in module}) == 1:
+                candidates.append((name, module))
+    if not candidates:
+        raise TypeError(f"Could not find a list of decoder blocks in {type(model).__name__}")
+    matching = [c for c in candidates if len(c[1]) == expected]
+    pool = matching or candidates
+    # Prefer the shallowest match (the decoder itself, not a list nested inside a block).
+    name, blocks = min(pool, key=lambda c: (c[0].count("."), -len(c[1])))
+    return blocks
+
+
+def num_layers(model: nn.Module) -> int:
+    """Number of decoder blocks."""
+    return len(decoder_blocks(model))
+
+
+def hidden_size(model: nn.Module) -> int:
+    """Width of the residual stream."""
+    size = getattr(text_config(model), "hidden_size", None)
+    if size is None:
+        size = model.get_input_embeddings().embedding_dim
+    return int(size)
+
+
+def num_attention_heads(model: nn.Module) -> int:
+    """Number of query heads of the model's self-attention."""
+    heads = getattr(text_config(model), "num_attention_heads", None)
+    if heads is None:
+        raise TypeError(f"Cannot tell the number of attention heads of {type(model).__name__}; pass num_heads=")
+    return int(heads)
+
+
+def vocab_size(model: nn.Module) -> int:
+    """Vocabulary size from the config (the embedding may be padded beyond it)."""
+    size = getattr(text_config(model), "vocab_size", None)
+    return int(size) if size is not None else model.get_input_embeddings().num_embeddings
+
+
+def norm_kind(model: nn.Module) -> str:
+    """"rms" when the model's blocks use an RMSNorm, else "layer" (LayerNorm)."""
+    block = decoder_blocks(model)[0]
+    for module in block.modules():
+        if "rmsnorm" in type(module).__name__.lower():
+            return "rms"
+    return "layer"
+
+
+def norm_eps(model: nn.Module) -> float:
+    """The epsilon of the model's own norms."""
+    config = text_config(model)
+    for key in ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps"):
+        value = getattr(config, key, None)
+        if value is not None:
+            return float(value)
+    return 1e-5
+
+
+def accepts(model: nn.Module, argument: str) -> bool:
+    """Whether the model's forward takes ``argument`` by name."""
+    params = inspect.signature(model.forward).parameters
+    return argument in params
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's floating-point weights."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.get_default_dtype()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter."""
+    return next(model.parameters()).device
+
+
+def weight_signature(model: nn.Module, count: int = 16) -> list[float]:
+    """A few fixed entries of the input embedding matrix: tells two checkpoints of one architecture apart."""
+    weight = model.get_input_embeddings().weight.detach()
+    flat = weight.reshape(-1)
+    step = max(1, flat.numel() // count)
+    picks = flat[::step][:count]
+    return [round(float(x), 6) for x in picks.float().cpu()]
+
+
+def fingerprint(model: nn.Module) -> dict[str, Any]:
+    """What identifies a base model for a saved composition: structure, origin and a weight sample."""
+    config = text_config(model)
+    return {
+        "model_type": getattr(config, "model_type", type(model).__name__),
+        "hidden_size": hidden_size(model),
+        "num_layers": num_layers(model),
+        "vocab_size": vocab_size(model),
+        "name_or_path": getattr(model.config, "_name_or_path", "") or "",
+        "weight_signature": weight_signature(model),
+    }
