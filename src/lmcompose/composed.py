@@ -207,7 +207,7 @@ class ComposedModel(nn.Module):
 
         kwargs = _model_kwargs(model, attention_mask, position_ids)
         if cache is not None:
-            kwargs.update(past_key_values=cache, use_cache=True)
+            kwargs.update({introspect.cache_argument(model): cache, "use_cache": True})
         else:
             kwargs["use_cache"] = False
         handles = [blocks[i].register_forward_hook(capture(i)) for i in layers]

@@ -107,6 +107,21 @@ def accepts(model: nn.Module, argument: str) -> bool:
     return argument in params
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The name of the KV-cache argument of the model's forward (``cache`` in transformers 5, else ``past_key_values``)."""
+    return "cache" if accepts(model, "cache") else "past_key_values"
+
+
+def new_cache(model: nn.Module) -> Any:
+    """An empty transformers KV cache for ``model``."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # older transformers
+        return DynamicCache()
+
+
 def model_dtype(model: nn.Module) -> torch.dtype:
     """The dtype of the model's floating-point weights."""
     for p in model.parameters():
