@@ -55,7 +55,16 @@ class ComposedModel(nn.Module):
         self.anchor = anchor
         self.augments = nn.ModuleList(augments)
         self.tokenizer = tokenizer
-        self.augment_tokenizers = _per_augment(augment_tokenizer, len(augments))
+        self.augment_tokenizers = [
+            None if _same_tokenizer(tokenizer, t) else t for t in _per_augment(augment_tokenizer, len(augments))
+        ]
+        if tokenizer is None and any(t is not None for t in self.augment_tokenizers):
+            raise ValueError("An augment tokenizer was given without the anchor's: pass tokenizer= as well")
+        if self.composition_config.rotary and any(t is not None for t in self.augment_tokenizers):
+            raise ValueError(
+                "rotary=True needs anchor and augment to share a tokenizer (positions must agree); "
+                "use rotary=False with different tokenizers"
+            )
         self._check_vocabularies()
         for model in (anchor, *augments):
             model.requires_grad_(False)
@@ -325,10 +334,10 @@ class ComposedModel(nn.Module):
         b, t = input_ids.shape
         key_values, masks = [], []
         for a in range(len(self.augments)):
-            if self.shares_tokenizer(a) and augment_input_ids is None:
+            if self.shares_tokenizer(a):
                 ids, mask, positions, limit = input_ids, attention_mask, position_ids, None
             else:
-                if augment_input_ids is None or augment_limits is None:
+                if augment_input_ids is None or augment_limits is None or augment_input_ids[a] is None:
                     raise ValueError(
                         f"{_augment_name(a, len(self.augments))} has its own tokenizer: pass augment_input_ids and "
                         "augment_limits (model.tokenize(texts) builds them)"
@@ -353,6 +362,35 @@ class ComposedModel(nn.Module):
             query_positions = torch.arange(t, device=input_ids.device)[None].expand(b, -1)
         with self.attach(key_values, masks, query_positions):
             return self.anchor(input_ids=input_ids, labels=labels, **anchor_kwargs)
+
+    # ----------------------------------------------------------------- text in
+
+    def tokenize(
+        self, texts: Union[str, Sequence[str]], padding_side: str = "right", add_special_tokens: bool = True
+    ) -> dict[str, Any]:
+        """Tokenize texts for every model and align them: the keyword arguments of forward and generate.
+
+        Args:
+            texts: one text or a list of texts.
+            padding_side: "right" for training and scoring, "left" for generation.
+            add_special_tokens: let the anchor's tokenizer add BOS/EOS as it does by default.
+        Returns:
+            input_ids, attention_mask (b, t) for the anchor, and per augment augment_input_ids,
+            augment_attention_mask (b, s) and augment_limits (b, t) (None for augments sharing the
+            anchor's tokenizer). See :mod:`lmcompose.alignment`.
+        """
+        from .alignment import align_batch
+
+        if self.tokenizer is None:
+            raise ValueError("tokenize() needs the anchor's tokenizer: ComposedModel(..., tokenizer=...)")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        anchor_ids = self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+        batch = align_batch(anchor_ids, self.tokenizer, self.augment_tokenizers, padding_side)
+        device = self.device
+        return {
+            k: (v.to(device) if isinstance(v, torch.Tensor) else [x.to(device) if x is not None else None for x in v])
+            for k, v in batch.items()
+        }
 
     # ----------------------------------------------------------------- generation and files
 
@@ -402,6 +440,17 @@ def _model_kwargs(
 
 def _augment_name(a: int, count: int) -> str:
     return "the augment model" if count == 1 else f"augment model {a}"
+
+
+def _same_tokenizer(anchor: Any, augment: Any) -> bool:
+    if augment is None or augment is anchor:
+        return True
+    if anchor is None:
+        return False
+    try:
+        return anchor.get_vocab() == augment.get_vocab()
+    except (AttributeError, NotImplementedError):
+        return False
 
 
 def _per_augment(value: Any, count: int) -> list:

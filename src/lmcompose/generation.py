@@ -17,46 +17,57 @@ from .masking import cross_mask, positions_from_mask
 
 
 class CompositionCache:
-    """Projected augment keys and values of every connection, preallocated for the whole generation.
+    """Projected keys and values of one augment's connections, in buffers that grow by doubling.
 
     Args:
         batch: b.
-        capacity: the most positions it will hold (prompt + new tokens).
+        capacity: positions to allocate at first (prompt + new tokens is a good guess).
     """
 
     def __init__(self, batch: int, capacity: int) -> None:
         self.batch = batch
-        self.capacity = capacity
+        self.capacity = max(1, capacity)
         self.length = 0
-        self._keys: list[list[torch.Tensor]] = []  # per augment, per connection: (b, h, capacity, d)
-        self._values: list[list[torch.Tensor]] = []
-        self.key_valid = None  # (b, capacity) bool, False on augment padding
+        self._keys: list[torch.Tensor] = []  # per connection: (b, h, capacity, d)
+        self._values: list[torch.Tensor] = []
+        self.key_valid: Optional[torch.Tensor] = None  # (b, capacity) bool, False on augment padding
 
-    def append(self, key_values: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]], valid: torch.Tensor) -> None:
-        """Add s new positions: per augment, per connection, (keys, values) each (b, h, s, d); valid (b, s)."""
+    def _grow(self, needed: int) -> None:
+        while self.capacity < needed:
+            self.capacity *= 2
+        for store in (self._keys, self._values):
+            for c, old in enumerate(store):
+                new = old.new_empty(*old.shape[:2], self.capacity, old.shape[3])
+                new[:, :, : self.length] = old[:, :, : self.length]
+                store[c] = new
+        valid = torch.zeros(self.batch, self.capacity, dtype=torch.bool, device=self.key_valid.device)
+        valid[:, : self.length] = self.key_valid[:, : self.length]
+        self.key_valid = valid
+
+    def append(self, key_values: Sequence[tuple[torch.Tensor, torch.Tensor]], valid: torch.Tensor) -> None:
+        """Add s positions: per connection (keys, values), each (b, h, s, d); valid (b, s)."""
         s = valid.shape[1]
-        if self.length + s > self.capacity:
-            raise ValueError(f"CompositionCache holds {self.capacity} positions; cannot add {s} more")
         if not self._keys:
-            for pairs in key_values:
-                self._keys.append([k.new_empty(*k.shape[:2], self.capacity, k.shape[3]) for k, _ in pairs])
-                self._values.append([v.new_empty(*v.shape[:2], self.capacity, v.shape[3]) for _, v in pairs])
+            self._keys = [k.new_empty(*k.shape[:2], self.capacity, k.shape[3]) for k, _ in key_values]
+            self._values = [v.new_empty(*v.shape[:2], self.capacity, v.shape[3]) for _, v in key_values]
             self.key_valid = torch.zeros(self.batch, self.capacity, dtype=torch.bool, device=valid.device)
         end = self.length + s
-        for a, pairs in enumerate(key_values):
-            for c, (k, v) in enumerate(pairs):
-                self._keys[a][c][:, :, self.length : end] = k
-                self._values[a][c][:, :, self.length : end] = v
+        if end > self.capacity:
+            self._grow(end)
+        for c, (k, v) in enumerate(key_values):
+            self._keys[c][:, :, self.length : end] = k
+            self._values[c][:, :, self.length : end] = v
         self.key_valid[:, self.length : end] = valid.bool()
         self.length = end
 
-    def key_values(self) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Views of what is filled: per augment, per connection, (keys, values) each (b, h, length, d)."""
+    def crop(self, length: int) -> None:
+        """Forget every position from ``length`` on (the augment re-tokenized its tail)."""
+        self.length = min(self.length, length)
+
+    def key_values(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Views of what is filled: per connection (keys, values), each (b, h, length, d)."""
         n = self.length
-        return [
-            [(k[:, :, :n], v[:, :, :n]) for k, v in zip(keys, values)]
-            for keys, values in zip(self._keys, self._values)
-        ]
+        return [(k[:, :, :n], v[:, :, :n]) for k, v in zip(self._keys, self._values)]
 
 
 def _logits_processors(
@@ -118,6 +129,9 @@ def generate(
     tokenizer: Any = None,
     streamer: Any = None,
     seed: Optional[int] = None,
+    augment_input_ids: Any = None,
+    augment_attention_mask: Any = None,
+    augment_limits: Any = None,
 ) -> torch.Tensor:
     """Generate with a :class:`~lmcompose.ComposedModel`, one incremental step per new token.
 
@@ -135,6 +149,9 @@ def generate(
         tokenizer: the anchor's tokenizer (for ``stop_strings``); default ``model.tokenizer``.
         streamer: a transformers streamer (``put``/``end``), e.g. ``TextStreamer`` (batch 1).
         seed: seed of the sampling generator, for reproducible samples.
+        augment_input_ids, augment_attention_mask, augment_limits: accepted so that
+            ``generate(**model.tokenize(prompts, padding_side="left"))`` works; an augment with its own
+            tokenizer re-tokenizes the decoded text at every step, so these are recomputed.
     Returns:
         (b, t + n) ids: the prompts followed by up to ``max_new_tokens`` new tokens, padded with
         ``pad_token_id`` after a sequence ended.
@@ -170,10 +187,34 @@ def generate(
         generator = torch.Generator(device=device).manual_seed(seed)
 
     composed = model.composition_enabled
-    step = _Stepper(model, b, t + max_new_tokens, composed)
-    padded = bool((attention_mask == 0).any())
+    cross = composed and any(not model.shares_tokenizer(a) for a in range(len(model.augments)))
+    if cross and b > 1:
+        # Re-tokenizing for the augment is per text: decode each prompt on its own.
+        if streamer is not None:
+            raise ValueError("A streamer takes one prompt at a time; pass a batch of one")
+        rows = []
+        for row in range(b):
+            keep = attention_mask[row].bool()
+            rows.append(generate(
+                model, input_ids[row : row + 1, keep], max_new_tokens=max_new_tokens, do_sample=do_sample,
+                temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                eos_token_id=eos, pad_token_id=pad_token_id, stop_strings=stop_strings, tokenizer=tokenizer,
+                seed=None if seed is None else seed + row,
+            )[0, int(keep.sum()):])
+        width = max(len(r) for r in rows)
+        new = torch.full((b, width), pad_token_id, dtype=input_ids.dtype, device=device)
+        for row, tokens in enumerate(rows):
+            new[row, : len(tokens)] = tokens
+        return torch.cat([input_ids, new], dim=1)
+    if cross:
+        input_ids = input_ids[:, attention_mask[0].bool()]
+        attention_mask = torch.ones_like(input_ids)
+        t = input_ids.shape[1]
+        step: Any = _CrossStepper(model, t + max_new_tokens)
+    else:
+        step = _Stepper(model, b, t + max_new_tokens, composed)
     positions = positions_from_mask(attention_mask)  # (b, t)
-    logits = step(input_ids, attention_mask, positions, padded)  # (b, V)
+    logits = step(input_ids, attention_mask, positions, t)  # (b, V)
 
     sequences = input_ids
     unfinished = torch.ones(b, dtype=torch.bool, device=device)
@@ -198,7 +239,7 @@ def generate(
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(next_tokens)[:, None]], dim=1)
         positions = positions[:, -1:] + 1  # (b, 1)
-        logits = step(next_tokens[:, None], attention_mask, positions, padded)
+        logits = step(sequences, attention_mask, positions, 1)
     if streamer is not None:
         streamer.end()
     return sequences
@@ -213,24 +254,23 @@ class _Stepper:
     def __init__(self, model: Any, batch: int, capacity: int, composed: bool) -> None:
         self.model = model
         self.composed = composed
+        self.padded: Optional[bool] = None
         self.anchor_cache = introspect.new_cache(model.anchor)
         self.anchor_cache_arg = introspect.cache_argument(model.anchor)
         self.logits_to_keep = introspect.accepts(model.anchor, "logits_to_keep")
         self.anchor_positions = introspect.accepts(model.anchor, "position_ids")
         if composed:
-            for a in range(len(model.augments)):
-                if not model.shares_tokenizer(a):
-                    raise NotImplementedError(
-                        "generate() with an augment of another tokenizer goes through model.generate(**model.tokenize(...))"
-                    )
             self.augment_caches = [introspect.new_cache(m) for m in model.augments]
-            self.composition = CompositionCache(batch, capacity)
+            self.compositions = [CompositionCache(batch, capacity) for _ in model.augments]
 
     def __call__(
-        self, new_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, padded: bool
+        self, sequences: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, n: int
     ) -> torch.Tensor:
-        """Run new_ids (b, n) at positions (b, n); attention_mask (b, past + n). Returns last logits (b, V)."""
+        """Run the last n tokens of sequences (b, past + n) at positions (b, n). Returns last logits (b, V)."""
         model = self.model
+        new_ids = sequences[:, -n:]
+        if self.padded is None:
+            self.padded = bool((attention_mask == 0).any())
         kwargs: dict[str, Any] = {
             "attention_mask": attention_mask,
             self.anchor_cache_arg: self.anchor_cache,
@@ -242,24 +282,107 @@ class _Stepper:
             kwargs["logits_to_keep"] = 1
         if not self.composed:
             return model.anchor(input_ids=new_ids, **kwargs).logits[:, -1]
-        b, n = new_ids.shape
-        new_kv = []
-        for a in range(len(model.augments)):
+        b = new_ids.shape[0]
+        for a, composition in enumerate(self.compositions):
             states = model.augment_hidden(a, new_ids, attention_mask, positions, cache=self.augment_caches[a])
-            new_kv.append(model.project(a, states, positions))
-        self.composition.append(new_kv, attention_mask[:, -n:])
-        total = self.composition.length
-        if padded:
+            composition.append(model.project(a, states, positions), attention_mask[:, -n:])
+        total = self.compositions[0].length
+        if self.padded:
             # query i (at index total - n + i) reads keys up to its own index that are not padding
             limit = torch.arange(total - n + 1, total + 1, device=new_ids.device)[None].expand(b, n)
-            mask = cross_mask(limit, self.composition.key_valid[:, :total], total)
+            mask = cross_mask(limit, self.compositions[0].key_valid[:, :total], total)
         elif n == total:
             mask = None  # prefill without padding: plain causal
         else:
             mask = torch.ones(b, 1, n, total, dtype=torch.bool, device=new_ids.device).tril(total - n)
         masks = [mask] * len(model.augments)
-        with model.attach(self.composition.key_values(), masks, positions):
+        with model.attach([c.key_values() for c in self.compositions], masks, positions):
             return model.anchor(input_ids=new_ids, **kwargs).logits[:, -1]
+
+
+class _CrossStepper:
+    """Decoding when an augment has its own tokenizer (one sequence, no padding).
+
+    After each new anchor token the text is decoded and re-tokenized for every such augment; its KV
+    cache and composition cache are cropped to the longest unchanged prefix of its tokens and only the
+    changed tail is run. Anchor positions whose visible augment tokens changed are re-run too (usually
+    none or the last one), so the result equals a full recompute over the decoded text.
+    """
+
+    def __init__(self, model: Any, capacity: int) -> None:
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.anchor_cache = introspect.new_cache(model.anchor)
+        self.anchor_cache_arg = introspect.cache_argument(model.anchor)
+        self.anchor_ends: list[int] = []
+        self.anchor_done = 0  # anchor positions in the anchor cache
+        count = len(model.augments)
+        self.augment_caches = [introspect.new_cache(m) for m in model.augments]
+        self.compositions = [CompositionCache(1, capacity) for _ in range(count)]
+        self.augment_ids: list[list[int]] = [[] for _ in range(count)]
+        self.limits: list[list[int]] = [[] for _ in range(count)]
+
+    def __call__(self, sequences: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, n: int) -> torch.Tensor:
+        """Advance to ``sequences`` (1, total); returns the last position's logits (1, V)."""
+        from .alignment import anchor_token_ends, anchor_trailing_specials, augment_tokens, settled_limits
+
+        model = self.model
+        device = sequences.device
+        ids = sequences[0].tolist()
+        special = set(self.tokenizer.all_special_ids)
+        stable = next((k for k, i in enumerate(ids[: len(self.anchor_ends)]) if i in special and k > 0), len(self.anchor_ends))
+        text, ends = anchor_token_ends(self.tokenizer, ids, known=self.anchor_ends[:stable])
+        self.anchor_ends = ends
+        rerun_from = len(ids) - 1  # the newest anchor position always runs
+        for a, augment_tokenizer in enumerate(model.augment_tokenizers):
+            if augment_tokenizer is None:
+                new_ids, limits = ids, list(range(1, len(ids) + 1))
+            else:
+                new_ids, _ = augment_tokens(augment_tokenizer, text)
+                if not new_ids:
+                    raise ValueError("The augment's tokenizer gives no token for this text; give a longer prompt")
+                trailing = anchor_trailing_specials(self.tokenizer, ids)
+                limits = settled_limits(augment_tokenizer, text, ends, new_ids, trailing)
+            old_ids = self.augment_ids[a]
+            keep = 0
+            while keep < min(len(old_ids), len(new_ids)) and old_ids[keep] == new_ids[keep]:
+                keep += 1
+            if keep < len(old_ids):
+                self.augment_caches[a].crop(keep)
+                self.compositions[a].crop(keep)
+            if keep < len(new_ids):
+                tail = torch.tensor([new_ids[keep:]], device=device)
+                tail_positions = torch.arange(keep, len(new_ids), device=device)[None]
+                mask = torch.ones(1, len(new_ids), dtype=torch.long, device=device)
+                states = model.augment_hidden(a, tail, mask, tail_positions, cache=self.augment_caches[a])
+                self.compositions[a].append(model.project(a, states, tail_positions), mask[:, keep:])
+            old_limits = self.limits[a]
+            for k, old in enumerate(old_limits):
+                if old != limits[k] or old > keep:
+                    rerun_from = min(rerun_from, k)
+                    break
+            self.augment_ids[a], self.limits[a] = new_ids, limits
+        rerun_from = min(rerun_from, self.anchor_done)
+        if rerun_from < self.anchor_done:
+            self.anchor_cache.crop(rerun_from)
+        run = torch.tensor([ids[rerun_from:]], device=device)
+        run_positions = torch.arange(rerun_from, len(ids), device=device)[None]
+        masks = []
+        for a, composition in enumerate(self.compositions):
+            limit = torch.tensor([self.limits[a][rerun_from:]], device=device)
+            masks.append(cross_mask(limit, None, composition.length))
+        kwargs = {
+            "attention_mask": torch.ones(1, len(ids), dtype=torch.long, device=device),
+            "position_ids": run_positions,
+            self.anchor_cache_arg: self.anchor_cache,
+            "use_cache": True,
+        }
+        if not introspect.accepts(model.anchor, "position_ids"):
+            kwargs.pop("position_ids")
+        with model.attach([c.key_values() for c in self.compositions], masks, run_positions):
+            logits = model.anchor(input_ids=run, **kwargs).logits[:, -1]
+        self.anchor_done = len(ids)
+        return logits
 
 
 @torch.no_grad()
@@ -275,10 +398,20 @@ def greedy_full_recompute(
     Returns:
         (b, t + max_new_tokens) ids (no early stop at EOS).
     """
+    from .alignment import align_batch
+
     sequences = input_ids
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    cross = any(not model.shares_tokenizer(a) for a in range(len(model.augments)))
     for _ in range(max_new_tokens):
-        logits = model(sequences, attention_mask=mask).logits[:, -1]  # (b, V)
+        if cross:  # re-tokenize the decoded text for every augment, from scratch
+            rows = [row[m.bool()].tolist() for row, m in zip(sequences, mask)]
+            batch = align_batch(rows, model.tokenizer, model.augment_tokenizers, padding_side="left")
+            batch = {k: v.to(sequences.device) if isinstance(v, torch.Tensor) else
+                     [x.to(sequences.device) if x is not None else None for x in v] for k, v in batch.items()}
+            logits = model(**batch).logits[:, -1]  # (b, V)
+        else:
+            logits = model(sequences, attention_mask=mask).logits[:, -1]  # (b, V)
         next_tokens = logits.argmax(dim=-1, keepdim=True)  # (b, 1)
         sequences = torch.cat([sequences, next_tokens], dim=1)
         mask = torch.cat([mask, torch.ones_like(next_tokens)], dim=1)

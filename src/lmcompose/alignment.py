@@ -1,0 +1,214 @@
+"""Cross-tokenizer alignment: which augment tokens each anchor token may read.
+
+Each model tokenizes the same text; the anchor's ids are the source of truth (the text is their
+decoding, which is also what generation sees). Anchor token t covers the text up to its end (a token
+that carries only part of a multi-byte character ends where that character starts). It may read the
+augment tokens of that text that later text cannot change: the augment's tokenization of the covered
+text up to the start of its last pre-token (a word, a number, a run of spaces), because the last
+pre-token may still merge with what follows ("an" + "d" -> "and"). Reading only those tokens makes the
+composed model's output at t independent of everything after t, which a plain "tokens that end before
+t ends" rule does not: a token's very existence there would reveal how the next characters merge.
+Special tokens before the text (BOS) are always readable; the anchor's own trailing special tokens
+(EOS) read the whole augment sequence. What a token may read is always a prefix of the augment's
+tokenization of the full text, so one augment pass serves every anchor position.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+
+REPLACEMENT = "\ufffd"  # what decoding shows for an incomplete UTF-8 character
+
+
+def _require_fast(tokenizer: Any, role: str) -> None:
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(
+            f"The {role} tokenizer {type(tokenizer).__name__} is not a fast tokenizer; cross-tokenizer "
+            "alignment needs character offsets. Load it with AutoTokenizer.from_pretrained(..., use_fast=True)."
+        )
+
+
+def decode_text(tokenizer: Any, ids: Sequence[int]) -> str:
+    """The text of ``ids`` without special tokens and without a trailing incomplete character."""
+    text = tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return text.rstrip(REPLACEMENT)
+
+
+def anchor_token_ends(tokenizer: Any, ids: Sequence[int], known: Optional[Sequence[int]] = None) -> tuple[str, list[int]]:
+    """The decoded text of anchor ``ids`` and where each token ends in it (characters).
+
+    Args:
+        tokenizer: the anchor's tokenizer.
+        ids: the anchor's token ids of one sequence (no padding).
+        known: ends already computed for a prefix of ``ids`` (generation extends them token by token).
+    Returns:
+        (text, ends) with ``len(ends) == len(ids)``.
+    """
+    special = set(tokenizer.all_special_ids)
+    ends = list(known or [])
+    real = [i for i in ids[: len(ends)] if i not in special]
+    trailing = []  # special tokens after text get their end once the text is known
+    for k in range(len(ends), len(ids)):
+        token = ids[k]
+        if token in special:
+            if real:
+                trailing.append(k)
+            ends.append(0)
+            continue
+        real.append(token)
+        ends.append(len(decode_text(tokenizer, real)))
+    text = decode_text(tokenizer, real)
+    for k in trailing:
+        ends[k] = len(text) + 1
+    return text, _non_decreasing(ends)
+
+
+def settled_cut(tokenizer: Any, text: str) -> int:
+    """Where the last pre-token of ``text`` starts in the augment's pre-tokenization (0 if none).
+
+    Text before that point tokenizes the same whatever follows; the last pre-token may still change.
+    """
+    pre = getattr(getattr(tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
+    if pre is None:
+        return 0 if not text else _settled_without_pretokenizer(tokenizer, text)
+    pieces = pre.pre_tokenize_str(text)
+    return pieces[-1][1][0] if pieces else 0
+
+
+def _settled_without_pretokenizer(tokenizer: Any, text: str) -> int:
+    # No pre-tokenizer: everything but the last token's text is taken as settled.
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = encoded["offset_mapping"]
+    return offsets[-1][0] if offsets else 0
+
+
+def augment_tokens(tokenizer: Any, text: str) -> tuple[list[int], list[bool]]:
+    """The augment's ids for ``text`` (its special tokens included) and which of them are special."""
+    _require_fast(tokenizer, "augment")
+    encoded = tokenizer(text, return_special_tokens_mask=True)
+    return list(encoded["input_ids"]), [bool(m) for m in encoded["special_tokens_mask"]]
+
+
+def settled_limits(
+    tokenizer: Any, text: str, anchor_ends: Sequence[int], full_ids: Sequence[int], anchor_trailing: Sequence[bool]
+) -> list[int]:
+    """For each anchor token, how many leading augment tokens of ``full_ids`` it may read.
+
+    Args:
+        tokenizer: the augment's tokenizer.
+        text: the full text (decoded anchor ids).
+        anchor_ends: where each anchor token ends in ``text``.
+        full_ids: the augment's ids for ``text``.
+        anchor_trailing: True for anchor special tokens after the text (they read everything).
+    """
+    by_cut: dict[int, int] = {}
+    limits = []
+    for end, trailing in zip(anchor_ends, anchor_trailing):
+        if trailing:
+            limits.append(len(full_ids))
+            continue
+        cut = settled_cut(tokenizer, text[:end])
+        if cut not in by_cut:
+            ids, special = augment_tokens(tokenizer, text[:cut])
+            while ids and special[-1] and (len(ids) > 1 and not special[-2] or cut == 0 and len(ids) > 1):
+                ids, special = ids[:-1], special[:-1]  # drop special tokens the tokenizer appends (EOS)
+            common = 0
+            while common < min(len(ids), len(full_ids)) and ids[common] == full_ids[common]:
+                common += 1
+            by_cut[cut] = common
+        limits.append(by_cut[cut])
+    return limits
+
+
+def anchor_trailing_specials(tokenizer: Any, ids: Sequence[int]) -> list[bool]:
+    """True for the anchor's special tokens that come after some text (EOS and the like)."""
+    special = set(tokenizer.all_special_ids)
+    out, seen_text = [], False
+    for i in ids:
+        out.append(i in special and seen_text)
+        seen_text = seen_text or i not in special
+    return out
+
+
+def _non_decreasing(values: list[int]) -> list[int]:
+    out, top = [], 0
+    for v in values:
+        top = max(top, v)
+        out.append(top)
+    return out
+
+
+def _pad(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    width = max(len(r) for r in rows)
+    ids, mask, offsets = [], [], []
+    for r in rows:
+        gap = width - len(r)
+        if side == "left":
+            ids.append([pad_id] * gap + r)
+            mask.append([0] * gap + [1] * len(r))
+            offsets.append(gap)
+        else:
+            ids.append(r + [pad_id] * gap)
+            mask.append([1] * len(r) + [0] * gap)
+            offsets.append(0)
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long), offsets
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def align_batch(
+    anchor_ids: Sequence[Sequence[int]],
+    tokenizer: Any,
+    augment_tokenizers: Sequence[Any],
+    padding_side: str = "right",
+) -> dict[str, Any]:
+    """Everything ``ComposedModel.forward`` and ``generate`` take, for anchor ids of several texts.
+
+    Args:
+        anchor_ids: per text, the anchor's ids (no padding).
+        tokenizer: the anchor's tokenizer.
+        augment_tokenizers: per augment, its tokenizer, or None when it shares the anchor's ids.
+        padding_side: "right" (training) or "left" (generation).
+    Returns:
+        input_ids, attention_mask: (b, t); augment_input_ids, augment_attention_mask: per augment (b, s)
+        or None; augment_limits: per augment, (b, t) long, anchor token t may read augment index < limit.
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    if any(len(r) == 0 for r in anchor_ids):
+        raise ValueError("A text has no tokens; give non-empty texts")
+    ids, mask, anchor_offsets = _pad([list(r) for r in anchor_ids], _pad_id(tokenizer), padding_side)
+    texts_and_ends = [anchor_token_ends(tokenizer, list(r)) for r in anchor_ids]
+    out: dict[str, Any] = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "augment_input_ids": [],
+        "augment_attention_mask": [],
+        "augment_limits": [],
+    }
+    for augment_tokenizer in augment_tokenizers:
+        if augment_tokenizer is None:
+            for key in ("augment_input_ids", "augment_attention_mask", "augment_limits"):
+                out[key].append(None)
+            continue
+        rows, counts = [], []
+        for row, (text, anchor_ends) in zip(anchor_ids, texts_and_ends):
+            aug_ids, _ = augment_tokens(augment_tokenizer, text)
+            rows.append(aug_ids)
+            trailing = anchor_trailing_specials(tokenizer, list(row))
+            counts.append(settled_limits(augment_tokenizer, text, anchor_ends, aug_ids, trailing))
+        aug_ids, aug_mask, aug_offsets = _pad(rows, _pad_id(augment_tokenizer), padding_side)
+        limits = torch.zeros_like(ids)
+        for b, (count, a_off, g_off) in enumerate(zip(counts, anchor_offsets, aug_offsets)):
+            limits[b, a_off : a_off + len(count)] = torch.tensor(count, dtype=torch.long) + g_off
+        out["augment_input_ids"].append(aug_ids)
+        out["augment_attention_mask"].append(aug_mask)
+        out["augment_limits"].append(limits)
+    return out
