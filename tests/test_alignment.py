@@ -161,3 +161,20 @@ def test_cross_tokenizer_cached_generation_equals_full_recompute(tokenizers, anc
     cached = model.generate(**batch, max_new_tokens=24, eos_token_id=[])
     full = greedy_full_recompute(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=24)
     assert torch.equal(cached, full)
+
+
+def test_smollm2_anchor_with_a_character_level_augment_is_the_anchor_at_init(smollm2):
+    anchor, tokenizer = smollm2
+    chars = char_tokenizer()
+    augment = tiny_causal_lm("llama", vocab_size=len(chars), hidden_size=64, num_layers=4, seed=0)
+    model = ComposedModel(anchor, augment, tokenizer=tokenizer, augment_tokenizer=chars)
+    texts = ["The capital of France is", "café 東京: 12345 + 678"]
+    with torch.no_grad():
+        batch = model.tokenize(texts)
+        mask = batch["attention_mask"]
+        expected = anchor(batch["input_ids"], attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+        assert (model(**batch).logits - expected).abs().max() <= 1e-5
+        left = model.tokenize(texts[:1], padding_side="left")
+        got = model.generate(**left, max_new_tokens=6)
+        reference = anchor.generate(input_ids=left["input_ids"], attention_mask=left["attention_mask"], max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, reference)

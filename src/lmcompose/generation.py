@@ -348,7 +348,7 @@ class _CrossStepper:
             while keep < min(len(old_ids), len(new_ids)) and old_ids[keep] == new_ids[keep]:
                 keep += 1
             if keep < len(old_ids):
-                self.augment_caches[a].crop(keep)
+                introspect.crop_cache(self.augment_caches[a], keep)
                 self.compositions[a].crop(keep)
             if keep < len(new_ids):
                 tail = torch.tensor([new_ids[keep:]], device=device)
@@ -364,7 +364,7 @@ class _CrossStepper:
             self.augment_ids[a], self.limits[a] = new_ids, limits
         rerun_from = min(rerun_from, self.anchor_done)
         if rerun_from < self.anchor_done:
-            self.anchor_cache.crop(rerun_from)
+            introspect.crop_cache(self.anchor_cache, rerun_from)
         run = torch.tensor([ids[rerun_from:]], device=device)
         run_positions = torch.arange(rerun_from, len(ids), device=device)[None]
         masks = []

@@ -122,6 +122,16 @@ def new_cache(model: nn.Module) -> Any:
         return DynamicCache()
 
 
+def crop_cache(cache: Any, length: int) -> None:
+    """Keep the first ``length`` positions of a transformers KV cache.
+
+    A negative argument to ``crop`` removes that many positions in every transformers version.
+    """
+    current = cache.get_seq_length()
+    if length < current:
+        cache.crop(length - current)
+
+
 def model_dtype(model: nn.Module) -> torch.dtype:
     """The dtype of the model's floating-point weights."""
     for p in model.parameters():
