@@ -49,19 +49,17 @@ def anchor_token_ends(tokenizer: Any, ids: Sequence[int], known: Optional[Sequen
     special = set(tokenizer.all_special_ids)
     ends = list(known or [])
     real = [i for i in ids[: len(ends)] if i not in special]
-    trailing = []  # special tokens after text get their end once the text is known
     for k in range(len(ends), len(ids)):
         token = ids[k]
         if token in special:
-            if real:
-                trailing.append(k)
-            ends.append(0)
+            ends.append(ends[-1] if ends else 0)  # a special token adds no text
             continue
         real.append(token)
         ends.append(len(decode_text(tokenizer, real)))
     text = decode_text(tokenizer, real)
-    for k in trailing:
-        ends[k] = len(text) + 1
+    for k, is_trailing in enumerate(anchor_trailing_specials(tokenizer, ids)):
+        if is_trailing:
+            ends[k] = len(text) + 1  # EOS and the like come after all the text
     return text, _non_decreasing(ends)
 
 
@@ -112,8 +110,12 @@ def settled_limits(
         cut = settled_cut(tokenizer, text[:end])
         if cut not in by_cut:
             ids, special = augment_tokens(tokenizer, text[:cut])
-            while ids and special[-1] and (len(ids) > 1 and not special[-2] or cut == 0 and len(ids) > 1):
-                ids, special = ids[:-1], special[:-1]  # drop special tokens the tokenizer appends (EOS)
+            # drop special tokens the tokenizer appends (EOS): they would say the text ends here
+            last_text = max((k for k, is_special in enumerate(special) if not is_special), default=None)
+            if last_text is None:
+                ids = ids[:1] if ids and ids[0] == tokenizer.bos_token_id else []
+            else:
+                ids = ids[: last_text + 1]
             common = 0
             while common < min(len(ids), len(full_ids)) and ids[common] == full_ids[common]:
                 common += 1
@@ -123,13 +125,10 @@ def settled_limits(
 
 
 def anchor_trailing_specials(tokenizer: Any, ids: Sequence[int]) -> list[bool]:
-    """True for the anchor's special tokens that come after some text (EOS and the like)."""
+    """True for the anchor's special tokens after the last text token (EOS and the like)."""
     special = set(tokenizer.all_special_ids)
-    out, seen_text = [], False
-    for i in ids:
-        out.append(i in special and seen_text)
-        seen_text = seen_text or i not in special
-    return out
+    last_text = max((k for k, i in enumerate(ids) if i not in special), default=None)
+    return [last_text is not None and k > last_text for k in range(len(ids))]
 
 
 def _non_decreasing(values: list[int]) -> list[int]:

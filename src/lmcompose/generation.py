@@ -329,9 +329,11 @@ class _CrossStepper:
         model = self.model
         device = sequences.device
         ids = sequences[0].tolist()
-        special = set(self.tokenizer.all_special_ids)
-        stable = next((k for k, i in enumerate(ids[: len(self.anchor_ends)]) if i in special and k > 0), len(self.anchor_ends))
-        text, ends = anchor_token_ends(self.tokenizer, ids, known=self.anchor_ends[:stable])
+        # ends of earlier tokens stay, except trailing special tokens, whose end moves with the text
+        known = self.anchor_ends[: len(ids) - 1]
+        trailing = anchor_trailing_specials(self.tokenizer, ids[: len(known)])
+        known = known[: next((k for k, t in enumerate(trailing) if t), len(known))]
+        text, ends = anchor_token_ends(self.tokenizer, ids, known=known)
         self.anchor_ends = ends
         rerun_from = len(ids) - 1  # the newest anchor position always runs
         for a, augment_tokenizer in enumerate(model.augment_tokenizers):
