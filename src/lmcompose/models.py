@@ -79,3 +79,44 @@ def tiny_causal_lm(family: str = "llama", *, seed: int = 0, init_std: float = 0.
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     return model.eval()
+
+
+def load_base(path: Any, dtype: Any = None) -> tuple[nn.Module, Any]:
+    """Load a base causal LM and its tokenizer from ``path`` (in eval mode).
+
+    ``path`` is a local transformers model directory (``save_pretrained`` of a model and its
+    tokenizer). Each kind of source is one branch here; GGUF files are meant to become another.
+
+    Args:
+        path: the model directory.
+        dtype: a torch dtype for the weights (e.g. ``torch.bfloat16``); None keeps the saved one.
+    Returns:
+        (model, tokenizer).
+    """
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No model at {path}: the path does not exist")
+    if path.is_file() and path.suffix == ".gguf":
+        raise NotImplementedError(f"{path}: GGUF files are not supported by load_base yet; give a transformers model directory")
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a model directory (a directory written by save_pretrained)")
+    return _load_transformers_dir(path, dtype)
+
+
+def _load_transformers_dir(path: Any, dtype: Any) -> tuple[nn.Module, Any]:
+    """A model directory written by ``save_pretrained`` (config.json, weights, tokenizer files)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} holds no transformers model (no config.json); save one with save_pretrained")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype) if dtype else AutoModelForCausalLM.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{path}: cannot load a causal LM ({str(err).splitlines()[0]})") from err
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as err:
+        raise ValueError(f"{path} holds a model but no usable tokenizer ({str(err).splitlines()[0]})") from err
+    return model.eval(), tokenizer

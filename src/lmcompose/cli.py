@@ -1,0 +1,180 @@
+"""The ``lmcompose`` command line: ``train``, ``generate`` and ``eval``, thin layers over the library."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from .cli_args import CliError, build_parser, parse_options
+from .training_config import TrainingConfig
+
+__all__ = ["CliError", "build_parser", "main", "parse_options", "run_eval", "run_generate", "run_train"]
+
+
+def _load(opts: argparse.Namespace) -> tuple[Any, Any, list]:
+    from .models import load_base
+
+    anchor, tokenizer = _with_flag("--anchor", load_base, opts.anchor)
+    augments = [_with_flag("--augment", load_base, path)[0] for path in opts.augment]
+    return anchor, tokenizer, augments
+
+
+def _with_flag(flag: str, fn: Callable, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except (FileNotFoundError, ValueError, NotImplementedError) as err:
+        raise CliError(f"{flag}: {err}") from None
+
+
+def _composed(opts: argparse.Namespace) -> tuple[Any, Any]:
+    """The composed model for generate / eval: the saved composition, or an identity one with --no-composition."""
+    from .composed import ComposedModel
+
+    anchor, tokenizer, augments = _load(opts)
+    if opts.composition:
+        model = _with_flag(
+            "--composition", functools.partial(ComposedModel.from_composition, tokenizer=tokenizer),
+            opts.composition, anchor, augments,
+        )
+    else:
+        model = ComposedModel(anchor, augments, tokenizer=tokenizer)
+    return model, tokenizer
+
+
+def run_train(opts: argparse.Namespace) -> int:
+    """``lmcompose train``."""
+    import yaml
+    from accelerate.utils import set_seed
+
+    from .checkpoint import atomic_write_text
+    from .composed import ComposedModel
+    from .config import CompositionConfig
+    from .data import load_dataset
+    from .training import train
+
+    anchor, tokenizer, augments = _load(opts)
+    composition = CompositionConfig(
+        num_connections=opts.num_connections, connections=opts.connections, num_heads=opts.num_heads
+    )
+    set_seed(opts.seed)  # the seed decides the initial connection weights too: a run is a function of its options
+    model = ComposedModel(anchor, augments, composition, tokenizer=tokenizer)
+    train_data = _with_flag("--data", load_dataset, opts.data, tokenizer, opts.max_length)
+    eval_data = _with_flag("--eval-data", load_dataset, opts.eval_data, tokenizer, opts.max_length) if opts.eval_data else None
+    config = TrainingConfig(
+        seed=opts.seed,
+        learning_rate=opts.lr,
+        weight_decay=opts.weight_decay,
+        batch_size=opts.batch_size,
+        gradient_accumulation_steps=opts.grad_accum,
+        max_steps=opts.max_steps,
+        epochs=opts.epochs,
+        lr_scheduler=opts.scheduler,
+        warmup_steps=opts.warmup_steps,
+        max_grad_norm=opts.max_grad_norm,
+        mixed_precision="bf16" if opts.bf16 else "no",
+        padding_side=opts.padding_side,
+        eval_every=opts.eval_every,
+        eval_generate=opts.eval_generate,
+        save_every=opts.save_every,
+        keep_last=opts.keep_last,
+        log_every=opts.log_every,
+        cache_augment_states=opts.cache_augment_states,
+        cpu=opts.cpu,
+        progress_bar=opts.progress,
+    )
+    print(model.summary(), file=sys.stderr)
+    output = Path(opts.output)
+    output.mkdir(parents=True, exist_ok=True)
+    recorded = {k: v for k, v in vars(opts).items() if k != "resume" and v is not None}
+    if opts.connections is not None:  # in the flag's own form, so the file works as --config
+        recorded["connections"] = ",".join(f"{i}:{j}" for i, j in opts.connections)
+    atomic_write_text(output / "train_args.yaml", yaml.safe_dump(recorded, sort_keys=False))
+    result = train(model, train_data, eval_data, config, output, resume=opts.resume, tokenizer=tokenizer)
+    loss = "n/a" if result.train_loss is None else f"{result.train_loss:.4f}"
+    print(f"trained {result.step} steps (last train loss {loss}); composition written to {result.composition_dir}")
+    return 0
+
+
+def run_generate(opts: argparse.Namespace) -> int:
+    """``lmcompose generate``: the completion streams to stdout."""
+    from transformers import TextStreamer
+
+    from .completion import complete
+
+    model, tokenizer = _composed(opts)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    kwargs = {"max_new_tokens": opts.max_new_tokens, "do_sample": opts.do_sample, "temperature": opts.temperature}
+    for name in ("top_k", "top_p", "repetition_penalty", "seed"):
+        if getattr(opts, name) is not None:
+            kwargs[name] = getattr(opts, name)
+    if opts.no_composition:
+        with model.disable_composition():
+            complete(model, tokenizer, opts.prompt, streamer=streamer, **kwargs)
+    else:
+        complete(model, tokenizer, opts.prompt, streamer=streamer, **kwargs)
+    return 0
+
+
+def run_eval(opts: argparse.Namespace) -> int:
+    """``lmcompose eval``: prints a table; ``--output`` also writes JSON."""
+    from .checkpoint import atomic_write_text
+    from .data import load_dataset
+    from .evaluation import evaluate, format_table
+
+    model, tokenizer = _composed(opts)
+    data = _with_flag("--data", load_dataset, opts.data, tokenizer, opts.max_length)
+    kwargs = dict(
+        batch_size=opts.batch_size, generate=opts.generate, max_new_tokens=opts.max_new_tokens, max_examples=opts.max_examples
+    )
+    if opts.no_composition:
+        with model.disable_composition():
+            metrics = evaluate(model, data, tokenizer, **kwargs)
+    else:
+        metrics = evaluate(model, data, tokenizer, **kwargs)
+    metrics["truncated_examples"] = data.num_truncated
+    print(format_table(metrics))
+    if opts.output:
+        atomic_write_text(opts.output, json.dumps(metrics, indent=2))
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"train": run_train, "generate": run_generate, "eval": run_eval}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``lmcompose`` console script; returns the exit status (2 for bad input)."""
+    from .checkpoint import CompositionMismatchError
+    from .data import DataError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if a in COMMANDS), None)
+    prefix = f"lmcompose {command}" if command else "lmcompose"
+    try:
+        command, opts = parse_options(argv)
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+        return COMMANDS[command](opts)
+    except SystemExit as exit_:  # --help
+        return int(exit_.code or 0)
+    except CliError as err:
+        message = _one_line(err)
+        print(message if message.startswith("lmcompose") else f"{prefix}: error: {message}", file=sys.stderr)
+        return 2
+    except (DataError, CompositionMismatchError, FileNotFoundError, FileExistsError, NotImplementedError, ValueError) as err:
+        if os.environ.get("LMCOMPOSE_DEBUG"):
+            raise
+        print(f"{prefix}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(err: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""Command-line options of ``lmcompose``: the parser, ``--config`` YAML files, defaults and precedence."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .training_config import SCHEDULERS, TrainingConfig
+
+DEFAULT_MAX_LENGTH = 512
+_T = TrainingConfig  # for the defaults shown in --help
+
+# The real default of every option: flags default to None so that "given explicitly" can be told apart.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "train": {
+        "lr": _T.learning_rate,
+        "batch_size": _T.batch_size,
+        "grad_accum": _T.gradient_accumulation_steps,
+        "warmup_steps": _T.warmup_steps,
+        "scheduler": _T.lr_scheduler,
+        "weight_decay": _T.weight_decay,
+        "max_grad_norm": _T.max_grad_norm,
+        "bf16": False,
+        "resume": False,
+        "max_length": DEFAULT_MAX_LENGTH,
+        "cache_augment_states": False,
+        "seed": _T.seed,
+        "keep_last": _T.keep_last,
+        "log_every": _T.log_every,
+        "padding_side": _T.padding_side,
+        "cpu": False,
+        "progress": True,
+        "eval_generate": True,
+    },
+    "generate": {"max_new_tokens": 64, "do_sample": False, "temperature": 1.0, "no_composition": False},
+    "eval": {
+        "batch_size": 8,
+        "max_length": DEFAULT_MAX_LENGTH,
+        "max_new_tokens": 64,
+        "generate": True,
+        "no_composition": False,
+    },
+}
+REQUIRED = {
+    "train": ("anchor", "augment", "data", "output"),
+    "generate": ("anchor", "augment", "prompt"),
+    "eval": ("anchor", "augment", "data"),
+}
+EXCLUSIVE = (("num_connections", "connections"), ("max_steps", "epochs"))
+
+
+class CliError(Exception):
+    """Bad command-line input; ``main`` prints the message as one line and exits with status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        raise CliError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _connections(text: str) -> list:
+    from .config import parse_connections
+
+    try:
+        return parse_connections(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _bases(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file (keys are the flag names, "
+                   "e.g. batch_size or batch-size; paths relative to the current directory); flags given on the command line "
+                   "override the file. `lmcompose train` records its options in OUTPUT/train_args.yaml, a valid --config")
+    p.add_argument("--anchor", metavar="PATH", help="the anchor model: a transformers model directory with its tokenizer")
+    p.add_argument("--augment", metavar="PATH", action="append",
+                   help="an augmenting model directory; repeat the flag to compose several augments")
+
+
+def _composition_source(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--composition", metavar="DIR", help="a composition directory written by `lmcompose train` "
+                   "(its composition/ or a checkpoints/step-N/ directory)")
+    p.add_argument("--no-composition", action="store_true", default=None,
+                   help="run the anchor alone (the composition switched off) for a baseline")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand (all defaults None: see :data:`DEFAULTS`)."""
+    parser = _Parser(prog="lmcompose", description="Compose frozen language models with trained cross-attention "
+                     "(CALM). Set LMCOMPOSE_DEBUG=1 to see tracebacks instead of one-line errors.")
+    sub = parser.add_subparsers(dest="command", metavar="{train,generate,eval}", parser_class=_Parser)
+    sub.required = True
+    d = DEFAULTS["train"]
+
+    t = sub.add_parser("train", help="train a composition on JSONL data",
+                       description="Train the connections between a frozen anchor and frozen augments on JSONL "
+                       'data with {"prompt", "completion"} (loss on the completion) or {"text"} records.')
+    _bases(t)
+    t.add_argument("--data", metavar="FILE.jsonl", help="training data (JSONL)")
+    t.add_argument("--eval-data", metavar="FILE.jsonl", help="evaluation data (JSONL): eval loss, and exact match "
+                   "for prompt/completion records")
+    t.add_argument("--output", metavar="DIR", help="run directory: checkpoints/, composition/, metrics.jsonl, loss.png")
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--num-connections", type=_positive, metavar="N",
+                   help="N evenly spaced connections (default: one per 4 augment layers, as in the paper)")
+    g.add_argument("--connections", type=_connections, metavar="A:B,...",
+                   help="explicit connections AUGMENT_LAYER:ANCHOR_LAYER, 0-indexed, e.g. 3:1,7:5")
+    t.add_argument("--num-heads", type=_positive, metavar="N", help="cross-attention heads (default: the anchor's)")
+    t.add_argument("--lr", type=float, help=f"peak learning rate (default: {d['lr']})")
+    t.add_argument("--batch-size", type=_positive, metavar="N", help=f"examples per micro-batch (default: {d['batch_size']})")
+    t.add_argument("--grad-accum", type=_positive, metavar="N",
+                   help=f"micro-batches per optimiser step (default: {d['grad_accum']})")
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--max-steps", type=_positive, metavar="N", help="optimiser steps to run (default: one epoch)")
+    g.add_argument("--epochs", type=_positive, metavar="N", help="passes over the data (default: 1)")
+    t.add_argument("--warmup-steps", type=int, metavar="N", help=f"linear warmup steps (default: {d['warmup_steps']})")
+    t.add_argument("--scheduler", choices=SCHEDULERS, help=f"learning-rate decay after warmup (default: {d['scheduler']})")
+    t.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default: {d['weight_decay']})")
+    t.add_argument("--max-grad-norm", type=float, help=f"gradient clipping norm (default: {d['max_grad_norm']})")
+    t.add_argument("--bf16", action=argparse.BooleanOptionalAction,
+                   help="bfloat16 mixed precision through accelerate; weights stay float32 (default: off)")
+    t.add_argument("--resume", action=argparse.BooleanOptionalAction,
+                   help="continue from the newest complete checkpoint in --output (default: off)")
+    t.add_argument("--max-length", type=_positive, metavar="N",
+                   help=f"truncate examples to N tokens; the count of truncated ones is reported (default: {d['max_length']})")
+    t.add_argument("--cache-augment-states", action=argparse.BooleanOptionalAction,
+                   help="compute the frozen augments' states once and reuse them every epoch (disk, memory-mapped)")
+    t.add_argument("--seed", type=int, help=f"seed of the data order and every RNG (default: {d['seed']})")
+    t.add_argument("--eval-every", type=_positive, metavar="N", help="evaluate every N steps (default: at the end)")
+    t.add_argument("--eval-generate", action=argparse.BooleanOptionalAction,
+                   help="score exact match of greedy completions on prompt/completion eval data (default: on)")
+    t.add_argument("--save-every", type=_positive, metavar="N",
+                   help="write a resumable checkpoint every N steps (default: none)")
+    t.add_argument("--keep-last", type=_positive, metavar="N", help=f"checkpoints kept (default: {d['keep_last']})")
+    t.add_argument("--log-every", type=_positive, metavar="N",
+                   help=f"append train metrics every N steps (default: {d['log_every']})")
+    t.add_argument("--padding-side", choices=("right", "left"), help=f"where batches are padded (default: {d['padding_side']})")
+    t.add_argument("--cpu", action=argparse.BooleanOptionalAction, help="train on the CPU even with a GPU present")
+    t.add_argument("--progress", action=argparse.BooleanOptionalAction, help="show a progress bar (default: on)")
+
+    d = DEFAULTS["generate"]
+    gen = sub.add_parser("generate", help="complete a prompt, streaming the text to stdout",
+                         description="Load a composition onto its base models and complete --prompt; "
+                         "the completion (not the prompt) streams to stdout.")
+    _bases(gen)
+    _composition_source(gen)
+    gen.add_argument("--prompt", metavar="TEXT", help="the text to complete")
+    gen.add_argument("--max-new-tokens", type=_positive, metavar="N", help=f"most new tokens (default: {d['max_new_tokens']})")
+    gen.add_argument("--do-sample", action=argparse.BooleanOptionalAction, help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, help=f"sampling temperature (default: {d['temperature']})")
+    gen.add_argument("--top-k", type=_positive, metavar="K", help="sample among the K most likely tokens")
+    gen.add_argument("--top-p", type=float, metavar="P", help="sample within the top-P probability mass")
+    gen.add_argument("--repetition-penalty", type=float, metavar="R", help="> 1 discourages repeated tokens")
+    gen.add_argument("--seed", type=int, help="seed of the sampler, for reproducible samples")
+
+    d = DEFAULTS["eval"]
+    ev = sub.add_parser("eval", help="score a composition on JSONL data: loss, exact match, chrF",
+                        description="Loss over the data and, for prompt/completion records, exact match and chrF of "
+                        "greedy completions.")
+    _bases(ev)
+    _composition_source(ev)
+    ev.add_argument("--data", metavar="FILE.jsonl", help="test data (JSONL)")
+    ev.add_argument("--output", metavar="FILE.json", help="also write the metrics (and completions) to this JSON file")
+    ev.add_argument("--batch-size", type=_positive, metavar="N", help=f"examples per batch (default: {d['batch_size']})")
+    ev.add_argument("--max-length", type=_positive, metavar="N", help=f"truncate examples to N tokens (default: {d['max_length']})")
+    ev.add_argument("--max-new-tokens", type=_positive, metavar="N",
+                    help=f"cap on generated tokens per prompt (default: {d['max_new_tokens']})")
+    ev.add_argument("--max-examples", type=_positive, metavar="N", help="generate for the first N examples only")
+    ev.add_argument("--generate", action=argparse.BooleanOptionalAction,
+                    help="score greedy completions (exact match, chrF) (default: on)")
+    return parser
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[command]
+
+
+def _file_options(path: str, sub: argparse.ArgumentParser) -> dict[str, Any]:
+    """Options from a YAML file, checked and converted like the flags they stand for."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise CliError(f"--config: no such file {path}")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        raise CliError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(data, dict):
+        raise CliError(f"{path}: expected a mapping of option names to values")
+    actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "config")}
+    options = {}
+    for key, value in data.items():
+        dest = str(key).replace("-", "_")
+        if dest not in actions:
+            raise CliError(f"{path}: unknown option {key!r}; known options: {', '.join(sorted(actions))}")
+        options[dest] = _coerce(actions[dest], value, f"{path}: option {key!r}")
+    return options
+
+
+def _coerce(action: argparse.Action, value: Any, where: str) -> Any:
+    """Check a value from a file as argparse checks the flag's text."""
+    if value is None:
+        return None
+    if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
+        if not isinstance(value, bool):
+            raise CliError(f"{where} must be true or false, got {value!r}")
+        return value
+    if isinstance(action, argparse._AppendAction):
+        values = value if isinstance(value, list) else [value]
+        return [_coerce_one(action, v, where) for v in values]
+    return _coerce_one(action, value, where)
+
+
+def _coerce_one(action: argparse.Action, value: Any, where: str) -> Any:
+    if isinstance(value, (dict, list)) or isinstance(value, bool):
+        raise CliError(f"{where} must be a single value, got {value!r}")
+    if action.type is not None:
+        try:
+            value = action.type(str(value)) if not isinstance(value, float) or action.type is not float else value
+        except (ValueError, argparse.ArgumentTypeError) as err:
+            raise CliError(f"{where}: {err}") from None
+    if action.choices is not None and value not in action.choices:
+        raise CliError(f"{where} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+    return value
+
+
+def parse_options(argv: Optional[Sequence[str]] = None) -> tuple[str, argparse.Namespace]:
+    """Parse the command line, merge ``--config``, apply defaults: (command, options).
+
+    Precedence: flags given on the command line, then the config file, then :data:`DEFAULTS`.
+    """
+    parser = build_parser()
+    given = parser.parse_args(argv)
+    command = given.command
+    explicit = {k: v for k, v in vars(given).items() if v is not None and k not in ("command", "config")}
+    from_file = _file_options(given.config, _subparser(parser, command)) if given.config else {}
+    for pair in EXCLUSIVE:
+        in_file = [k for k in pair if from_file.get(k) is not None]
+        if any(k in explicit for k in pair):
+            for k in in_file:
+                from_file.pop(k)  # the flag given on the command line wins over its alternative in the file
+        elif len(in_file) == 2:
+            raise CliError(f"{given.config}: give either {pair[0]} or {pair[1]}, not both")
+    options = dict(DEFAULTS[command])
+    options.update({k: v for k, v in from_file.items() if v is not None})
+    options.update(explicit)
+    sub = _subparser(parser, command)
+    for action in sub._actions:
+        options.setdefault(action.dest, None)
+    required = list(REQUIRED[command])
+    if command in ("generate", "eval") and not options.get("no_composition"):
+        required.append("composition")
+    for name in required:
+        if not options.get(name):
+            raise CliError(f"lmcompose {command}: error: --{name.replace('_', '-')} is required (as a flag or in --config)")
+    return command, argparse.Namespace(**options)

@@ -1,0 +1,314 @@
+"""The key-value arithmetic experiment (paper §4.1, Table 1) end to end: bases, composition, baselines, scores."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from ..composed import ComposedModel
+from ..config import CompositionConfig
+from .kv import Example, KVRepository, KVTaskConfig, build_tokenizer, num_math_example, paper_task
+from .kv_training import batches, exact_match, train_loop
+
+DATASETS = ("KV-SUBS", "NUM-MATH", "KV-MATH")
+
+
+@dataclass
+class KVPipelineConfig:
+    """Every scaling decision of the experiment. Defaults: the CPU "quick" preset (see experiments/kv/LOG.md)."""
+
+    task: KVTaskConfig = field(default_factory=KVTaskConfig)
+    # anchor m_B: knows arithmetic (NUM-MATH), never sees a key. 4x128 learns 1-digit NUM-MATH to ~100% in 2000 steps.
+    anchor_layers: int = 4
+    anchor_hidden: int = 128
+    anchor_heads: int = 4
+    anchor_steps: int = 2000
+    anchor_lr: float = 1e-3
+    # augment m_A: memorises keys (KV-SUBS over all keys), no arithmetic. 2x96 reaches 100% in 400 steps.
+    augment_layers: int = 2
+    augment_hidden: int = 96
+    augment_heads: int = 4
+    augment_steps: int = 500
+    augment_lr: float = 2e-3
+    batch_size: int = 64  # examples per step, every training run
+    # composition: (augment_layer, anchor_layer) pairs. An early anchor connection is needed: the anchor's block 0
+    # already moves operand information to other positions (LOG.md run 5/10); rotary lets a query pick its own position.
+    connections: list = field(default_factory=lambda: [[0, 0], [1, 1], [1, 2]])
+    rotary: bool = True
+    # cross-attention heads; None: the anchor's (paper). Quick: 16 (head dim 8) fits faster than 4 (LOG.md runs 13, 15)
+    compose_heads: Optional[int] = 16
+    compose_steps: int = 1500  # also the steps of every baseline trained on D_C (LoRA, fine-tuning, random m_A)
+    compose_lr: float = 3e-3
+    # fraction of NUM-MATH examples mixed into D_C; KV-MATH alone at lr >= 1e-3 erases the anchor's arithmetic
+    num_math_mix: float = 0.3
+    lora_lr: float = 3e-3  # LoRA on m_B, rank matched to CALM's parameter count (paper Table 5)
+    finetune_lr: float = 3e-4  # full fine-tuning of m_B on D_C
+    threads: int = 1  # torch threads (the quick preset is sized for one core)
+    seed: int = 0  # seed of model initialisation and data streams (the task has its own seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+    def base_fingerprint(self) -> str:
+        """A short hash of everything the two base models depend on (their cache key)."""
+        d = self.to_dict()
+        keep = {k: v for k, v in d.items() if k.startswith(("anchor_", "augment_")) or k in ("task", "batch_size", "seed")}
+        keep["task"] = {k: v for k, v in keep["task"].items() if k != "num_eval"}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def quick_config(seed: int = 0) -> KVPipelineConfig:
+    """The CPU preset: 200 one-token keys, values 1..9, 2-3 operands."""
+    return KVPipelineConfig(task=KVTaskConfig(seed=seed), seed=seed)
+
+
+def paper_config(seed: int = 0) -> KVPipelineConfig:
+    """The paper's scale (25K keys, 3-6 operands, + - x), for a GPU. Sizes are a guess, never run here."""
+    return KVPipelineConfig(
+        task=paper_task(seed), anchor_layers=12, anchor_hidden=512, anchor_heads=8, anchor_steps=50_000,
+        anchor_lr=5e-4, augment_layers=8, augment_hidden=256, augment_heads=4, augment_steps=30_000,
+        augment_lr=1e-3, batch_size=256, connections=[[1, 0], [3, 3], [5, 6], [7, 9]],
+        compose_steps=20_000, compose_lr=1e-3, threads=0, seed=seed,
+    )
+
+
+PRESETS: dict[str, Callable[[], KVPipelineConfig]] = {"quick": quick_config, "paper": paper_config}
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def anchor_data(repo: KVRepository) -> Callable[[random.Random], Example]:
+    """NUM-MATH over random numbers of the value range (the anchor never sees a key)."""
+
+    def make(rng: random.Random) -> Example:
+        return num_math_example(*next(repo.random_numbers(rng)))
+
+    return make
+
+
+def augment_data(repo: KVRepository) -> Callable[[random.Random], Example]:
+    """KV-SUBS over every key (the augment memorises the repository)."""
+    return lambda rng: repo.kv_subs(next(repo.expressions("all", rng)))
+
+
+def composition_data(repo: KVRepository, num_math_mix: float) -> Callable[[random.Random], Example]:
+    """D_C: KV-MATH over held-in keys only, mixed with NUM-MATH with probability ``num_math_mix``."""
+
+    def make(rng: random.Random) -> Example:
+        if rng.random() < num_math_mix:
+            return num_math_example(*next(repo.random_numbers(rng)))
+        return repo.kv_math(next(repo.expressions("held_in", rng)))
+
+    return make
+
+
+def evaluation_sets(repo: KVRepository) -> dict[str, list[Example]]:
+    """The three datasets over the same held-out expressions."""
+    exprs = repo.evaluation_expressions()
+    return {
+        "KV-SUBS": [repo.kv_subs(e) for e in exprs],
+        "NUM-MATH": [repo.num_math(e) for e in exprs],
+        "KV-MATH": [repo.kv_math(e) for e in exprs],
+    }
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def new_base(config: KVPipelineConfig, vocab_size: int, role: str, seed_offset: int = 0) -> nn.Module:
+    """A randomly initialised Llama of the anchor's or the augment's size."""
+    from ..models import tiny_causal_lm
+
+    layers, hidden, heads = (
+        (config.anchor_layers, config.anchor_hidden, config.anchor_heads)
+        if role == "anchor"
+        else (config.augment_layers, config.augment_hidden, config.augment_heads)
+    )
+    seed = config.seed * 1000 + (1 if role == "anchor" else 2) + seed_offset
+    return tiny_causal_lm("llama", vocab_size=vocab_size, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                          seed=seed, init_std=0.02, max_positions=64)
+
+
+def train_lm(model: nn.Module, make: Callable, tokenizer: Any, steps: int, lr: float, config: KVPipelineConfig,
+             seed: int, log: Optional[Callable[[str], None]]) -> float:
+    """Train every weight of ``model`` on ``make``'s examples; returns seconds."""
+    model.requires_grad_(True)  # a copy of a base that a ComposedModel froze
+    model.train()
+    seconds = train_loop(list(model.parameters()), lambda b: model(**b).loss,
+                         batches(make, tokenizer, config.batch_size, seed), steps, lr, log)
+    model.eval()
+    return seconds
+
+
+def load_or_train_bases(config: KVPipelineConfig, repo: KVRepository, cache_dir: Path,
+                        log: Optional[Callable[[str], None]] = None) -> tuple[nn.Module, nn.Module, Any, dict]:
+    """The tokenizer, anchor and augment from ``cache_dir/<fingerprint>``, trained and saved there when missing.
+
+    Returns:
+        (anchor, augment, tokenizer, info) with info = {"cached": bool, "anchor_seconds", "augment_seconds"}.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = cache_dir / config.base_fingerprint()
+    done = folder / "done.json"
+    if done.exists():
+        info = json.loads(done.read_text())
+        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+        anchor = AutoModelForCausalLM.from_pretrained(folder / "anchor").eval()
+        augment = AutoModelForCausalLM.from_pretrained(folder / "augment").eval()
+        return anchor, augment, tokenizer, {**info, "cached": True}
+    tokenizer = build_tokenizer(repo)
+    anchor = new_base(config, len(tokenizer), "anchor")
+    augment = new_base(config, len(tokenizer), "augment")
+    say = (lambda m: log(f"[anchor] {m}")) if log else None
+    anchor_s = train_lm(anchor, anchor_data(repo), tokenizer, config.anchor_steps, config.anchor_lr, config, config.seed + 11, say)
+    say = (lambda m: log(f"[augment] {m}")) if log else None
+    augment_s = train_lm(augment, augment_data(repo), tokenizer, config.augment_steps, config.augment_lr, config, config.seed + 12, say)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    anchor.save_pretrained(folder / "anchor")
+    augment.save_pretrained(folder / "augment")
+    info = {"anchor_seconds": round(anchor_s, 1), "augment_seconds": round(augment_s, 1), "config": config.to_dict()}
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, done)  # written last: a folder without done.json is retrained
+    return anchor, augment, tokenizer, {**info, "cached": False}
+
+
+def lora_rank_for(model: nn.Module, budget: int) -> int:
+    """The LoRA rank on every linear layer of the decoder blocks whose parameter count is closest to ``budget``."""
+    per_rank = sum(m.in_features + m.out_features for n, m in model.named_modules()
+                   if isinstance(m, nn.Linear) and ".layers." in n)
+    return max(1, round(budget / per_rank))
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+
+def run_experiment(config: KVPipelineConfig, cache_dir: Path, log: Optional[Callable[[str], None]] = None) -> dict:
+    """Train (or load) the bases, train CALM and the baselines on D_C, score every row on every dataset.
+
+    Args:
+        config: the experiment's scale.
+        cache_dir: where base models are cached (a second run with the same bases skips their training).
+        log: receives progress lines.
+    Returns:
+        a JSON-ready dict: config, per-row accuracies (percent) and parameter counts, seconds per phase.
+    """
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    start = time.time()
+    repo = KVRepository(config.task)
+    anchor, augment, tokenizer, base_info = load_or_train_bases(config, repo, Path(cache_dir), log)
+    evals = evaluation_sets(repo)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    rows: dict[str, dict[str, Any]] = {}
+    seconds: dict[str, float] = {"bases": round(time.time() - start, 1)}
+
+    def score(name: str, generate: Callable) -> None:
+        t = time.time()
+        rows.setdefault(name, {}).update({d: round(exact_match(generate, evals[d], tokenizer), 1) for d in DATASETS})
+        seconds[f"eval {name}"] = round(time.time() - t, 1)
+        if log:
+            log(f"{name}: " + ", ".join(f"{d} {rows[name][d]}%" for d in DATASETS))
+
+    def plain(model: nn.Module) -> Callable:
+        return lambda ids, mask, n: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
+                                                   do_sample=False, eos_token_id=eos, pad_token_id=pad)
+
+    def composed(model: ComposedModel) -> Callable:
+        return lambda ids, mask, n: model.generate(ids, mask, max_new_tokens=n, eos_token_id=eos, pad_token_id=pad)
+
+    score("m_A", plain(augment))
+    score("m_B", plain(anchor))
+    d_c = composition_data(repo, config.num_math_mix)
+    comp_config = CompositionConfig(connections=config.connections, rotary=config.rotary, num_heads=config.compose_heads)
+
+    def compose(name: str, aug: nn.Module) -> int:
+        torch.manual_seed(config.seed)
+        model = ComposedModel(anchor, aug, comp_config)
+        model.train()
+        say = (lambda m: log(f"[{name}] {m}")) if log else None
+        seconds[f"train {name}"] = round(train_loop(model.composition_parameters(), lambda b: model(**b).loss,
+                                                    batches(d_c, tokenizer, config.batch_size, config.seed + 13),
+                                                    config.compose_steps, config.compose_lr, say), 1)
+        model.eval()
+        score(name, composed(model))
+        return sum(p.numel() for p in model.composition_parameters())
+
+    calm_params = compose("CALM", augment)
+    rows["CALM"]["trainable_params"] = calm_params
+    random_augment = new_base(config, len(tokenizer), "augment", seed_offset=500)
+    rows.setdefault("CALM (random m_A)", {})["trainable_params"] = compose("CALM (random m_A)", random_augment)
+
+    from peft import LoraConfig, get_peft_model
+
+    rank = lora_rank_for(anchor, calm_params)
+    lora = get_peft_model(copy.deepcopy(anchor), LoraConfig(
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    trainable = [p for p in lora.parameters() if p.requires_grad]
+    lora.train()
+    say = (lambda m: log(f"[LoRA] {m}")) if log else None
+    seconds["train LoRA on m_B"] = round(train_loop(trainable, lambda b: lora(**b).loss,
+                                                    batches(d_c, tokenizer, config.batch_size, config.seed + 13),
+                                                    config.compose_steps, config.lora_lr, say), 1)
+    lora.eval()
+    score("LoRA on m_B", plain(lora))
+    rows["LoRA on m_B"].update(trainable_params=sum(p.numel() for p in trainable), lora_rank=rank)
+
+    tuned = copy.deepcopy(anchor)
+    say = (lambda m: log(f"[fine-tune] {m}")) if log else None
+    seconds["train m_B fine-tuned"] = round(train_lm(tuned, d_c, tokenizer, config.compose_steps, config.finetune_lr,
+                                                     config, config.seed + 13, say), 1)
+    tuned.requires_grad_(False)
+    score("m_B fine-tuned on D_C", plain(tuned))
+    rows["m_B fine-tuned on D_C"]["trainable_params"] = sum(p.numel() for p in tuned.parameters())
+    seconds["total"] = round(time.time() - start, 1)
+    return {
+        "config": config.to_dict(),
+        "held_in_keys": len(repo.held_in),
+        "held_out_keys": len(repo.held_out),
+        "eval_expressions": len(evals["KV-MATH"]),
+        "bases": {k: v for k, v in base_info.items() if k != "config"},
+        "rows": rows,
+        "seconds": seconds,
+    }
+
+
+def run_demo(output_dir: str, preset: str = "quick", progress: bool = True,
+             config: Optional[KVPipelineConfig] = None) -> dict:
+    """Run the key-value experiment and write results.json, results.md and results.png into ``output_dir``.
+
+    Args:
+        output_dir: where results go; base models are cached in ``output_dir/bases``.
+        preset: "quick" (CPU, minutes) or "paper" (the paper's scale, for a GPU).
+        progress: print progress lines.
+        config: overrides the preset.
+    Returns:
+        the results dict (also in results.json).
+    """
+    from .kv_report import write_report
+
+    if config is None:
+        if preset not in PRESETS:
+            raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        config = PRESETS[preset]()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = run_experiment(config, out / "bases", log=print if progress else None)
+    results["preset"] = preset
+    write_report(results, out)
+    return results

@@ -1,0 +1,139 @@
+"""Training and scoring helpers of the key-value task: encoding, batches, a small training loop, exact match."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+
+from .kv import Example, parse_answer
+
+Encoded = tuple[list[int], list[int]]  # (ids, labels) of one example
+
+
+def encode(vocab: dict[str, int], example: Example, bos: int, eos: int) -> Encoded:
+    """Ids ``<s> prompt target </s>`` and labels (-100 on ``<s> prompt``)."""
+    prompt = [bos] + [vocab[w] for w in example.prompt.split()]
+    target = [vocab[w] for w in example.target.split()] + [eos]
+    return prompt + target, [-100] * len(prompt) + target
+
+
+def collate(pairs: Sequence[Encoded], pad: int) -> dict[str, torch.Tensor]:
+    """A right-padded training batch: ``input_ids``, ``attention_mask``, ``labels``, each (b, t)."""
+    t = max(len(ids) for ids, _ in pairs)
+    ids = torch.full((len(pairs), t), pad)
+    mask = torch.zeros((len(pairs), t), dtype=torch.long)
+    labels = torch.full((len(pairs), t), -100)
+    for r, (i, l) in enumerate(pairs):
+        ids[r, : len(i)] = torch.tensor(i)
+        mask[r, : len(i)] = 1
+        labels[r, : len(l)] = torch.tensor(l)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def batches(
+    make: Callable[[random.Random], Example], tokenizer: Any, batch_size: int, seed: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless training batches of ``make(rng)`` examples.
+
+    Args:
+        make: draws one example from the seeded ``random.Random`` it is given.
+        tokenizer: the task's word-level tokenizer.
+        batch_size: examples per batch.
+        seed: seed of the example stream.
+    """
+    rng = random.Random(seed)
+    vocab = tokenizer.get_vocab()
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    while True:
+        yield collate([encode(vocab, make(rng), bos, eos) for _ in range(batch_size)], pad)
+
+
+def train_loop(
+    parameters: Sequence[torch.nn.Parameter],
+    loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    data: Iterator[dict[str, torch.Tensor]],
+    steps: int,
+    lr: float,
+    log: Optional[Callable[[str], None]] = None,
+    log_every: int = 250,
+) -> float:
+    """AdamW (betas 0.9/0.98) with 5% linear warm-up, cosine decay to 0, gradient clipping at 1.
+
+    Args:
+        parameters: what is trained.
+        loss_fn: batch -> scalar loss.
+        data: endless batches.
+        steps, lr: optimisation length and peak learning rate.
+        log: receives a progress line every ``log_every`` steps.
+    Returns:
+        seconds spent.
+    """
+    parameters = list(parameters)
+    optimiser = torch.optim.AdamW(parameters, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    warm = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, s / steps)))
+    )
+    start, running = time.time(), None
+    for step in range(1, steps + 1):
+        loss = loss_fn(next(data))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimiser.step()
+        schedule.step()
+        optimiser.zero_grad(set_to_none=True)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if log is not None and (step % log_every == 0 or step == steps):
+            log(f"step {step}/{steps} loss {running:.4f} ({time.time() - start:.0f}s)")
+    return time.time() - start
+
+
+@torch.no_grad()
+def exact_match(
+    generate: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
+    examples: Sequence[Example],
+    tokenizer: Any,
+    batch_size: int = 250,
+) -> float:
+    """Percent of examples whose greedy continuation, up to ``</s>``, is exactly the target.
+
+    Args:
+        generate: (input_ids (b, t) left-padded, attention_mask (b, t), max_new_tokens) -> (b, t + new) ids.
+        examples: prompts and targets.
+        tokenizer: the task's tokenizer (left padding).
+    """
+    vocab = tokenizer.get_vocab()
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    right = 0
+    for s in range(0, len(examples), batch_size):
+        chunk = examples[s : s + batch_size]
+        prompts = [[bos] + [vocab[w] for w in ex.prompt.split()] for ex in chunk]
+        t = max(len(p) for p in prompts)
+        ids = torch.full((len(chunk), t), pad)
+        mask = torch.zeros((len(chunk), t), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, t - len(p) :] = torch.tensor(p)
+            mask[r, t - len(p) :] = 1
+        new = max(len(ex.target.split()) for ex in chunk) + 1
+        out = generate(ids, mask, new)[:, t:]
+        for row, ex in zip(out.tolist(), chunk):
+            words = []
+            for token in row:
+                if token == eos:
+                    break
+                words.append(tokenizer.convert_ids_to_tokens(token))
+            right += " ".join(words) == ex.target
+    return 100.0 * right / len(examples)
+
+
+def answer_is_number(text: str) -> bool:
+    """Whether ``text`` parses as an answer (digits, optional leading minus)."""
+    try:
+        parse_answer(text)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,29 @@
+import pytest
+import torch
+
+from lmcompose.models import load_base, tiny_causal_lm
+from tiny_bases import VOCAB, char_tokenizer
+
+
+def test_load_base_returns_the_saved_model_and_tokenizer(tmp_path):
+    model = tiny_causal_lm("llama", vocab_size=VOCAB, hidden_size=32, num_layers=2)
+    model.save_pretrained(tmp_path)
+    char_tokenizer().save_pretrained(tmp_path)
+    loaded, tokenizer = load_base(tmp_path)
+    assert not loaded.training
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    assert tokenizer("ab")["input_ids"] == char_tokenizer()("ab")["input_ids"]
+    assert load_base(tmp_path, dtype=torch.bfloat16)[0].dtype == torch.bfloat16
+
+
+def test_load_base_errors_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No model at .*nowhere: the path does not exist"):
+        load_base(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="holds no transformers model \\(no config.json\\)"):
+        load_base(tmp_path)
+    tiny_causal_lm("llama", num_layers=1).save_pretrained(tmp_path / "bare")
+    with pytest.raises(ValueError, match="bare holds a model but no usable tokenizer"):
+        load_base(tmp_path / "bare")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    with pytest.raises(NotImplementedError, match="GGUF files are not supported by load_base yet"):
+        load_base(tmp_path / "m.gguf")

@@ -1,0 +1,63 @@
+"""Test helpers: a character-level tokenizer built offline, tiny saved base models, small JSONL tasks."""
+
+import json
+import random
+from pathlib import Path
+
+from lmcompose.models import tiny_causal_lm
+
+CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 :.,-=>")
+SPECIALS = ["<s>", "</s>", "<pad>", "<unk>"]  # ids 0, 1, 2, 3: the ids tiny_causal_lm's configs use
+
+
+def char_tokenizer(add_bos: bool = True):
+    """A character-level tokenizer (a BPE without merges) with BOS/EOS/pad, as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIALS + CHARS)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+VOCAB = len(SPECIALS) + len(CHARS)
+
+
+def tiny_pair(anchor_seed: int = 1, augment_seed: int = 2):
+    """A tiny Llama anchor and a wider, deeper Llama augment over the character vocabulary."""
+    anchor = tiny_causal_lm("llama", vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, seed=anchor_seed)
+    augment = tiny_causal_lm("llama", vocab_size=VOCAB, hidden_size=48, num_layers=4, num_heads=4, seed=augment_seed)
+    return anchor, augment
+
+
+def save_bases(root: Path):
+    """Save the anchor and augment (with the tokenizer) under ``root``; returns their directories."""
+    anchor, augment = tiny_pair()
+    tokenizer = char_tokenizer()
+    paths = []
+    for name, model in (("anchor", anchor), ("augment", augment)):
+        path = root / name
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths.append(path)
+    return paths
+
+
+def reverse_task(n: int, seed: int = 0):
+    """Prompt/completion records: reverse a short word."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        word = "".join(rng.choice("abcdef") for _ in range(rng.randint(2, 5)))
+        records.append({"prompt": f"rev {word} =>", "completion": " " + word[::-1]})
+    return records
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
