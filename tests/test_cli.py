@@ -247,3 +247,21 @@ def test_training_killed_mid_run_resumes_to_the_uninterrupted_weights(work, tmp_
              if json.loads(line)["kind"] == "train"]
     assert steps == sorted(set(steps)) and steps[-1] == 20
     assert yaml.safe_load((run / "train_args.yaml").read_text())["max_steps"] == 20
+
+
+def test_demo_command_runs_the_pipeline_with_its_options_and_prints_the_table(tmp_path, monkeypatch, capsys):
+    import lmcompose.tasks.kv_pipeline as pipeline
+
+    calls = []
+
+    def fake_demo(output_dir, preset="quick", progress=True):
+        calls.append((output_dir, preset, progress))
+        (tmp_path / "out" / "results.md").parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "out" / "results.md").write_text("| model | KV-MATH |\n| CALM | 42.0 |\n")
+        return {"rows": []}
+
+    monkeypatch.setattr(pipeline, "run_demo", fake_demo)
+    assert main(["demo", "--output", str(tmp_path / "out"), "--preset", "paper", "--no-progress"]) == 0
+    assert calls == [(str(tmp_path / "out"), "paper", False)]
+    assert "| CALM | 42.0 |" in capsys.readouterr().out
+    assert main(["demo", "--preset", "huge"]) == 2

@@ -107,11 +107,48 @@ def read_metadata(path: Union[str, Path]) -> dict[str, Any]:
     for key in ("config", "connections", "anchor", "augments"):
         if not isinstance(meta, dict) or key not in meta:
             raise ValueError(f"{config_file} has no {key!r} entry; it is not an lmcompose composition config")
-    if meta.get("format_version", 1) > FORMAT_VERSION:
+    version = meta.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ValueError(f"{config_file}: format_version must be an integer, got {version!r}; the file is damaged")
+    if version > FORMAT_VERSION:
         raise ValueError(
             f"{config_file} was written by a newer lmcompose (format {meta['format_version']}); upgrade lmcompose"
         )
+    _check_metadata_types(meta, config_file)
     return meta
+
+
+def _check_metadata_types(meta: dict[str, Any], config_file: Path) -> None:
+    """Each entry has the type lmcompose writes; anything else is a damaged or foreign file, said so here."""
+
+    def refuse(what: str, value: Any) -> None:
+        raise ValueError(f"{config_file}: {what}, got {value!r:.80}; the file is damaged or not written by lmcompose")
+
+    if not isinstance(meta["config"], dict):
+        refuse("'config' must be a mapping", meta["config"])
+    if not isinstance(meta["connections"], list):
+        refuse("'connections' must be a list (per augment) of [augment_layer, anchor_layer] pairs", meta["connections"])
+    if not isinstance(meta["augments"], list) or not meta["augments"]:
+        refuse("'augments' must be a non-empty list of base-model fingerprints", meta["augments"])
+    for role, fingerprint in [("anchor", meta["anchor"])] + [("augments", f) for f in meta["augments"]]:
+        if not isinstance(fingerprint, dict):
+            refuse(f"each {role!r} fingerprint must be a mapping", fingerprint)
+        signature = fingerprint.get("weight_signature")
+        if signature is not None and not (
+            isinstance(signature, list)
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in signature)
+        ):
+            refuse(f"the {role} weight_signature must be a list of numbers", signature)
+    size = meta.get("weights_bytes")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+        refuse("'weights_bytes' must be a non-negative integer", size)
+    tensors = meta.get("tensors")
+    if tensors is not None and not (
+        isinstance(tensors, dict)
+        and all(isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in shape)
+                for shape in tensors.values())
+    ):
+        refuse("'tensors' must map tensor names to shapes (lists of integers)", tensors)
 
 
 def compare_fingerprints(saved: dict[str, Any], current: dict[str, Any], role: str) -> tuple[list[str], list[str]]:
@@ -167,7 +204,14 @@ def load_composition(
     config_data["num_connections"] = None
     config_data["connections"] = meta["connections"]
     config_data["num_heads"] = meta.get("num_heads", config_data.get("num_heads"))
-    model = cls(anchor, augments, CompositionConfig.from_dict(config_data), **kwargs)
+    try:
+        config = CompositionConfig.from_dict(config_data)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path / CONFIG_NAME}: its composition config is not valid ({err})") from None
+    try:
+        model = cls(anchor, augments, config, **kwargs)
+    except TypeError as err:  # a damaged config that passed the checks above (e.g. connections of the wrong shape)
+        raise ValueError(f"{path / CONFIG_NAME}: its composition config is not valid ({err})") from None
 
     weights_file = path / WEIGHTS_NAME
     expected_bytes = meta.get("weights_bytes")
@@ -180,6 +224,11 @@ def load_composition(
         state = load_file(str(weights_file))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{weights_file} cannot be read as safetensors ({err}); the file is damaged") from err
+    recorded = meta.get("tensors")  # the names and shapes the save wrote: the two files must agree
+    if recorded is not None:
+        details = _differences({k: tuple(v) for k, v in recorded.items()}, state, f"{CONFIG_NAME} records")
+        if details:
+            raise ValueError(f"{weights_file} does not match {CONFIG_NAME}: " + "; ".join(details))
     own = model.connections.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -195,3 +244,17 @@ def load_composition(
         raise ValueError(f"{weights_file} does not match {CONFIG_NAME}: " + "; ".join(details))
     model.connections.load_state_dict(state)
     return model
+
+
+def _differences(expected: dict[str, tuple], state: dict[str, torch.Tensor], source: str) -> list[str]:
+    """Readable lines on how the tensors of a file differ from the names and shapes ``source`` expects."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    details = []
+    if missing:
+        details.append(f"missing tensors {missing[:5]}")
+    if unexpected:
+        details.append(f"unexpected tensors {unexpected[:5]}")
+    for k in [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k])][:5]:
+        details.append(f"{k}: file has {tuple(state[k].shape)}, {source} {tuple(expected[k])}")
+    return details

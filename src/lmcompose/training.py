@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,18 +17,23 @@ from torch.utils.data import DataLoader, Dataset
 from .augment_cache import WithAugmentStates, open_or_build_cache
 from .data import Collator, EpochShuffleSampler, data_fingerprint, pad_token_id
 from .evaluation import completion_scores, evaluate_loss
+from .input_checks import check_example_lengths
+from .training_faults import StopSignals, TrainingDivergedError, agree_across_ranks, stop_diverged
 from .run_log import append_metrics, plot_losses, read_metrics, truncate_metrics
 from .training_config import TrainingConfig
 from .training_state import (
+    DamagedCheckpointError,
     complete_checkpoints,
-    latest_checkpoint,
-    load_checkpoint_files,
+    publish_directory,
     remove_incomplete,
+    remove_stale_temporaries,
+    remove_unpublished,
     restore_rng_state,
     save_checkpoint,
+    verify_checkpoint,
 )
 
-__all__ = ["TrainingConfig", "TrainingResult", "train"]
+__all__ = ["TrainingConfig", "TrainingDivergedError", "TrainingResult", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +52,10 @@ class TrainingResult:
         step: optimiser steps taken in total (resumed runs included).
         train_loss: mean train loss of the last logged window (None when no step ran here).
         eval_metrics: the last evaluation (empty without eval data).
-        composition_dir: where the final composition was saved.
+        composition_dir: where the final composition was saved (None when the run was interrupted).
         resumed_from: the checkpoint the run continued from, if any.
+        interrupted: the signal ("SIGTERM", "SIGINT") that stopped the run early, else None.
+        checkpoint: the checkpoint written when the run was interrupted (resume from it).
     """
 
     step: int
@@ -54,6 +63,8 @@ class TrainingResult:
     eval_metrics: dict[str, Any] = field(default_factory=dict)
     composition_dir: Optional[Path] = None
     resumed_from: Optional[Path] = None
+    interrupted: Optional[str] = None
+    checkpoint: Optional[Path] = None
 
 
 def _accelerator(config: TrainingConfig) -> Any:
@@ -68,7 +79,40 @@ def _accelerator(config: TrainingConfig) -> Any:
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         cpu=config.cpu,
+        # by default accelerate steps the scheduler once per process at each optimiser step, so n processes
+        # would run the schedule n times faster; the loop steps it once per optimiser step instead
+        step_scheduler_with_optimizer=False,
     )
+
+
+def _ignore_frozen_in_ddp(model: Any) -> list[str]:
+    """The names of every parameter and buffer outside the connections: DDP neither broadcasts nor buckets them.
+
+    The bases are frozen and loaded identically on every rank, so only the connections need DDP; without this
+    DDP would broadcast the whole anchor at start and its buffers before every forward.
+    """
+    names = [n for n, _ in model.named_parameters() if not n.startswith("connections.")]
+    return names + [n for n, _ in model.named_buffers() if not n.startswith("connections.")]
+
+
+def _prepare_model(accelerator: Any, model: Any) -> Any:
+    from torch.nn.parallel import DistributedDataParallel
+
+    kind = str(accelerator.distributed_type.name)
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise NotImplementedError(
+            f"train() runs on one process or data-parallel (DDP) processes, not under {kind}: sharding puts part of the "
+            "composition and of its optimiser state on each rank, and checkpoints are written from rank 0's view. "
+            "Launch with DDP (accelerate launch --multi_gpu or --num_processes N); see docs/distributed.md"
+        )
+    ddp = accelerator.num_processes > 1 and kind.startswith("MULTI_")
+    if not ddp:  # one process, FSDP or DeepSpeed: accelerate wraps (or not) as configured
+        return accelerator.prepare(model)
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, _ignore_frozen_in_ddp(model))
+    try:
+        return accelerator.prepare(model)
+    finally:
+        del model._ddp_params_and_buffers_to_ignore  # DDP read it at construction; the model keeps no trace
 
 
 def _check_model(model: Any) -> None:
@@ -80,13 +124,18 @@ def _check_model(model: Any) -> None:
 
 
 def _resume_state(
-    model: Any, checkpoint: Path, config: TrainingConfig, data_sha: str, num_examples: int
+    model: Any, checkpoint: Path, config: TrainingConfig, data_sha: str, num_examples: int, num_processes: int = 1
 ) -> dict[str, Any]:
     """Load the composition of ``checkpoint`` into ``model`` after checking it belongs to this run."""
     from .composed import ComposedModel
 
-    files = load_checkpoint_files(checkpoint)
+    files = verify_checkpoint(checkpoint)
     state = files["state"]
+    if state.get("num_processes", 1) != num_processes:  # the data position counts each process's micro-batches
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: it was written by a run on {state.get('num_processes', 1)} "
+            f"process(es), this one has {num_processes}; launch it with as many processes as before"
+        )
     differences = config.trajectory_differences(TrainingConfig.from_dict(state["config"]))
     if differences:
         raise ValueError(
@@ -106,6 +155,18 @@ def _resume_state(
         )
     model.connections.load_state_dict(saved.connections.state_dict())
     return files
+
+
+def _newest_readable(checkpoints: Path) -> Optional[Path]:
+    """The newest checkpoint whose files all read; damaged newer ones are skipped with a warning."""
+    for path in reversed(complete_checkpoints(checkpoints)):
+        try:
+            verify_checkpoint(path)
+        except DamagedCheckpointError as err:
+            logger.warning("skipping checkpoint %s: %s", path, err)
+            continue
+        return path
+    return None
 
 
 def train(
@@ -144,25 +205,38 @@ def train(
     if output_dir is None:
         raise TypeError("train() needs output_dir: the directory for checkpoints, metrics and the composition")
     _check_model(model)
+    check_example_lengths(train_dataset, model, "the training data")  # before any work, not at the step that fails
+    if eval_dataset is not None:
+        check_example_lengths(eval_dataset, model, "the evaluation data")
     output = Path(output_dir)
     checkpoints = output / CHECKPOINTS_DIR
     metrics_file = output / METRICS_NAME
-    start_from = latest_checkpoint(checkpoints) if resume else None
-    if resume and start_from is None:
-        logger.warning("resume: %s holds no complete checkpoint; starting from step 0", checkpoints)
     if not resume and complete_checkpoints(checkpoints):
         raise FileExistsError(
             f"{checkpoints} holds checkpoints of an earlier run: resume it (resume=True, --resume) "
             "or choose another output directory"
         )
-    output.mkdir(parents=True, exist_ok=True)
-    remove_incomplete(checkpoints)
-    if start_from is None and metrics_file.exists():
-        metrics_file.unlink()
+    start_from = _newest_readable(checkpoints) if resume else None
+    if resume and start_from is None:
+        if complete_checkpoints(checkpoints):
+            raise DamagedCheckpointError(
+                f"resume: no checkpoint in {checkpoints} can be read (see the warnings above); "
+                "delete the damaged ones to start again"
+            )
+        logger.warning("resume: %s holds no complete checkpoint; starting from step 0", checkpoints)
 
     accelerator = _accelerator(config)
+    main = accelerator.is_main_process  # only rank 0 writes files: checkpoints, metrics, plot, composition
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
+        remove_incomplete(checkpoints)
+        remove_unpublished(output, COMPOSITION_DIR)
+        remove_stale_temporaries(output)
+        if start_from is None and metrics_file.exists():
+            metrics_file.unlink()
+    accelerator.wait_for_everyone()
     set_seed(config.seed)
-    wrapped = accelerator.prepare(model)  # on the accelerator's device (the cache below is computed there)
+    wrapped = _prepare_model(accelerator, model)  # on the accelerator's device (the cache below is computed there)
     pad_id = pad_token_id(tokenizer, model)
     collator = Collator(pad_id, config.padding_side)
     eval_batch_size = config.eval_batch_size or config.batch_size
@@ -184,6 +258,9 @@ def train(
         cache_seconds = time.perf_counter() - started
         logger.info("augment cache %s in %.2fs", "built" if built else "reused", cache_seconds)
 
+    # Every rank builds the same loader; accelerate deals its batches out in turn (rank r gets batches r, r + n, ...
+    # of the one (seed, epoch) order), so n processes see, per step, the batches one process sees with n times
+    # the gradient accumulation.
     loader = DataLoader(
         train_data,
         batch_size=config.batch_size,
@@ -209,14 +286,15 @@ def train(
 
     step, epoch, position = 0, 0, 0  # optimiser steps done; current epoch; micro-batches of it consumed
     if start_from is not None:
-        files = _resume_state(model, start_from, config, data_sha, len(train_dataset))
+        files = _resume_state(model, start_from, config, data_sha, len(train_dataset), accelerator.num_processes)
         optimizer.load_state_dict(files["optimizer"])
         scheduler.load_state_dict(files["scheduler"])
         restore_rng_state(files["rng"])
         step, epoch, position = (files["state"][k] for k in ("step", "epoch", "position"))
-        truncate_metrics(metrics_file, step)
+        if main:
+            truncate_metrics(metrics_file, step)
         logger.info("resumed from %s (step %d)", start_from, step)
-    elif config.cache_augment_states:
+    elif config.cache_augment_states and main:
         append_metrics(metrics_file, {"kind": "cache", "step": 0, "built": built, "seconds": cache_seconds})
 
     def evaluate_now() -> dict[str, Any]:
@@ -241,9 +319,25 @@ def train(
                 )
             record.update(eval_exact_match=scores["exact_match"], eval_chrf=scores["chrf"])
         wrapped.train()
-        if accelerator.is_main_process:
+        if main:
             append_metrics(metrics_file, record)
         return record
+
+    def save(step: int) -> Path:
+        if main:
+            state = {
+                "step": step,
+                "epoch": epoch,
+                "position": position,
+                "total_steps": total_steps,
+                "num_examples": len(train_dataset),
+                "num_processes": accelerator.num_processes,
+                "data_sha256": data_sha,
+                "config": config.to_dict(),
+            }
+            save_checkpoint(checkpoints, step, model, optimizer, scheduler, state, config.keep_last)
+        accelerator.wait_for_everyone()
+        return checkpoints / f"step-{step}"
 
     progress = tqdm(
         total=total_steps,
@@ -257,76 +351,95 @@ def train(
     window_tokens = 0
     window_start = epoch_start = time.perf_counter()
     grad_norm: Optional[torch.Tensor] = None
+    nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)  # this step saw a NaN/inf so far
+    stop: Optional[int] = None  # the signal every rank agreed to stop on
+    saved_at: Optional[Path] = None
     wrapped.train()
-    while step < total_steps:
-        batches = accelerator.skip_first_batches(loader, position) if position else loader
-        batches.set_epoch(epoch)
-        for batch in batches:
-            with accelerator.accumulate(wrapped):
-                loss = wrapped(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm is not None:
-                    grad_norm = accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            position += 1
-            window_losses.append(loss.detach())
-            window_tokens += int(batch["attention_mask"].sum())
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            progress.update(1)
-            if position == len(loader):  # the epoch is over: the next step starts the next one
-                if accelerator.is_main_process:
-                    append_metrics(
-                        metrics_file,
-                        {"kind": "epoch", "step": step, "epoch": epoch, "seconds": time.perf_counter() - epoch_start},
-                    )
-                epoch, position = epoch + 1, 0
-                epoch_start = time.perf_counter()
-            if step % config.log_every == 0 or step == total_steps:
-                seconds = time.perf_counter() - window_start
-                last_loss = torch.stack(window_losses).float().mean().item()
-                record = {
-                    "kind": "train",
-                    "step": step,
-                    "epoch": step / steps_per_epoch,
-                    "loss": last_loss,
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": None if grad_norm is None else float(grad_norm),
-                    "tokens_per_s": window_tokens / seconds if seconds > 0 else None,
-                }
-                if accelerator.is_main_process:
-                    append_metrics(metrics_file, record)
-                progress.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{record['tokens_per_s'] or 0:.0f}")
-                window_losses, window_tokens, window_start = [], 0, time.perf_counter()
-            if eval_data is not None and (
-                (config.eval_every and step % config.eval_every == 0) or step == total_steps
-            ):
-                last_eval = evaluate_now()
-            if config.save_every and (step % config.save_every == 0 or step == total_steps):
-                if accelerator.is_main_process:
-                    state = {
+    with StopSignals() as signals, progress:
+        while step < total_steps and stop is None:
+            batches = accelerator.skip_first_batches(loader, position) if position else loader
+            batches.set_epoch(epoch)
+            for batch in batches:
+                with accelerator.accumulate(wrapped):
+                    loss = wrapped(**batch).loss
+                    accelerator.backward(loss)
+                    nonfinite |= ~torch.isfinite(loss.detach())
+                    if accelerator.sync_gradients:
+                        if config.max_grad_norm is not None:
+                            grad_norm = accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+                            if isinstance(grad_norm, torch.Tensor):
+                                nonfinite |= ~torch.isfinite(grad_norm.detach()).to(nonfinite.device)
+                        diverged, stop = agree_across_ranks(accelerator, nonfinite, signals.received)
+                        if diverged:
+                            stop_diverged(step + 1, epoch, checkpoints, metrics_file if main else None)
+                        nonfinite = torch.zeros_like(nonfinite)
+                    optimizer.step()  # a no-op while gradients accumulate
+                    if accelerator.sync_gradients:
+                        scheduler.step()
+                    optimizer.zero_grad()
+                position += 1
+                window_losses.append(loss.detach())
+                window_tokens += int(batch["attention_mask"].sum())
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                progress.update(1)
+                if position == len(loader):  # the epoch is over: the next step starts the next one
+                    if main:
+                        append_metrics(
+                            metrics_file,
+                            {"kind": "epoch", "step": step, "epoch": epoch, "seconds": time.perf_counter() - epoch_start},
+                        )
+                    epoch, position = epoch + 1, 0
+                    epoch_start = time.perf_counter()
+                if step % config.log_every == 0 or step == total_steps:
+                    seconds = time.perf_counter() - window_start
+                    last_loss, tokens = _window_stats(accelerator, window_losses, window_tokens)
+                    record = {
+                        "kind": "train",
                         "step": step,
-                        "epoch": epoch,
-                        "position": position,
-                        "total_steps": total_steps,
-                        "num_examples": len(train_dataset),
-                        "data_sha256": data_sha,
-                        "config": config.to_dict(),
+                        "epoch": step / steps_per_epoch,
+                        "loss": last_loss,
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": None if grad_norm is None else float(grad_norm),
+                        "tokens_per_s": tokens / seconds if seconds > 0 else None,
                     }
-                    save_checkpoint(checkpoints, step, model, optimizer, scheduler, state, config.keep_last)
-                accelerator.wait_for_everyone()
-            if step >= total_steps:
-                break
-    progress.close()
+                    if main:
+                        append_metrics(metrics_file, record)
+                    progress.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{record['tokens_per_s'] or 0:.0f}")
+                    window_losses, window_tokens, window_start = [], 0, time.perf_counter()
+                if eval_data is not None and (
+                    (config.eval_every and step % config.eval_every == 0) or step == total_steps
+                ):
+                    last_eval = evaluate_now()
+                saved_at = None
+                if config.save_every and (step % config.save_every == 0 or step == total_steps):
+                    saved_at = save(step)
+                if step >= total_steps:
+                    stop = None  # the run is complete: a late signal changes nothing
+                    break
+                if stop is not None:
+                    saved_at = saved_at or save(step)
+                    break
+
+    if stop is not None:
+        name = signal.Signals(stop).name
+        if main:
+            append_metrics(metrics_file, {"kind": "interrupted", "step": step, "signal": name})
+        logger.warning("%s: stopped at step %d of %d; resume from %s", name, step, total_steps, saved_at)
+        return TrainingResult(
+            step=step, train_loss=last_loss, eval_metrics=last_eval, resumed_from=start_from,
+            interrupted=name, checkpoint=saved_at,
+        )
 
     model = accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
     composition_dir = output / COMPOSITION_DIR
-    if accelerator.is_main_process:
-        model.save_composition(composition_dir)
+    if main:
+        tmp = output / f".{COMPOSITION_DIR}.tmp-{os.getpid()}"
+        model.save_composition(tmp)
+        publish_directory(tmp, composition_dir)  # never weights of this run beside the JSON of an earlier one
         plot_losses(read_metrics(metrics_file), output / PLOT_NAME)
+    accelerator.wait_for_everyone()
     return TrainingResult(
         step=step,
         train_loss=last_loss,
@@ -335,3 +448,14 @@ def train(
         resumed_from=start_from,
     )
 
+
+def _window_stats(accelerator: Any, losses: list[torch.Tensor], tokens: int) -> tuple[float, float]:
+    """Mean loss of the logging window and its token count, over every rank."""
+    stats = torch.stack([torch.stack(losses).float().mean(), torch.tensor(float(tokens), device=losses[0].device)])
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(stats)
+        stats[0] /= accelerator.num_processes
+    loss, count = stats.tolist()
+    return loss, count

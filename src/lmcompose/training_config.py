@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -28,6 +29,8 @@ TRAJECTORY_FIELDS = (
     "mixed_precision",
     "padding_side",
 )
+
+BOOLEAN_FIELDS = ("eval_generate", "cache_augment_states", "cpu", "progress_bar")
 
 
 @dataclass
@@ -69,8 +72,25 @@ class TrainingConfig:
                     setattr(self, name, float(value))
                 except ValueError:
                     raise ValueError(f"{name} must be a number, got {value!r}") from None
+            elif value is None and name != "max_grad_norm":
+                raise ValueError(f"{name} must be a number, got None")
             elif isinstance(value, bool) or not isinstance(value, (int, float, type(None))):
                 raise ValueError(f"{name} must be a number, got {value!r}")
+            value = getattr(self, name)
+            if value is not None and not _finite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        for name in BOOLEAN_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be an integer in 0..2**32-1, got {self.seed!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not self.adam_epsilon > 0:
+            raise ValueError(f"adam_epsilon must be > 0, got {self.adam_epsilon!r}")
         positive = ("batch_size", "gradient_accumulation_steps", "keep_last", "log_every", "eval_max_new_tokens")
         for name in positive:
             value = getattr(self, name)
@@ -83,17 +103,17 @@ class TrainingConfig:
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if self.max_steps is not None and self.epochs is not None:
             raise ValueError("Give either max_steps or epochs, not both")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+        if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
-        if self.lr_scheduler not in SCHEDULERS:
+        if not isinstance(self.lr_scheduler, str) or self.lr_scheduler not in SCHEDULERS:
             raise ValueError(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}; got {self.lr_scheduler!r}")
-        if self.mixed_precision not in PRECISIONS:
+        if not isinstance(self.mixed_precision, str) or self.mixed_precision not in PRECISIONS:
             raise ValueError(f"mixed_precision must be one of {', '.join(PRECISIONS)}; got {self.mixed_precision!r}")
-        if self.padding_side not in ("left", "right"):
+        if not isinstance(self.padding_side, str) or self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,8 +123,10 @@ class TrainingConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainingConfig":
         """Build from :meth:`to_dict` output; unknown keys are an error naming them."""
+        if not isinstance(data, dict):
+            raise ValueError(f"A TrainingConfig is a mapping of field names to values, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(map(str, data)) - known)
         if unknown:
             raise ValueError(f"Unknown TrainingConfig fields {unknown}; known fields are {sorted(known)}")
         return cls(**data)
@@ -137,9 +159,19 @@ class TrainingConfig:
     @classmethod
     def load(cls, path: Union[str, Path]) -> "TrainingConfig":
         """Read a ``.json``, ``.yaml`` or ``.yml`` file."""
+        import yaml
+
         path = Path(path)
-        text = path.read_text(encoding="utf-8")
-        return cls.from_json(text) if path.suffix == ".json" else cls.from_yaml(text)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: cannot read the training config ({err})") from None
+        try:
+            return cls.from_json(text) if path.suffix == ".json" else cls.from_yaml(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as err:
+            raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({err})") from None
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: {err}") from None
 
     def trajectory_differences(self, other: "TrainingConfig") -> list[str]:
         """The trajectory fields on which two configs differ, as ``"name: a != b"`` lines."""
@@ -148,3 +180,10 @@ class TrainingConfig:
             for name in TRAJECTORY_FIELDS
             if getattr(self, name) != getattr(other, name)
         ]
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False

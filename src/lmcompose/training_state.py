@@ -22,6 +22,10 @@ RNG_NAME = "rng_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
+class DamagedCheckpointError(ValueError):
+    """A checkpoint's files cannot be read (truncated, corrupted, or not weights-only); the message names the file."""
+
+
 def capture_rng_state() -> dict[str, Any]:
     """The python, numpy and torch (and CUDA) RNG states, in a form ``torch.load(weights_only=True)`` reads."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -79,12 +83,47 @@ def latest_checkpoint(directory: Union[str, Path]) -> Optional[Path]:
 
 
 def remove_incomplete(directory: Union[str, Path]) -> None:
-    """Delete what an interrupted save left behind (temporary directories)."""
+    """Delete what an interrupted save left behind (temporary and half-deleted directories)."""
     directory = Path(directory)
     if directory.is_dir():
         for p in directory.iterdir():
             if p.is_dir() and p.name.startswith(".step-"):
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def remove_stale_temporaries(directory: Union[str, Path]) -> None:
+    """Delete the ``.NAME.*.tmp`` files an atomic write cut short by a kill left in ``directory``."""
+    directory = Path(directory)
+    if directory.is_dir():
+        for p in directory.iterdir():
+            if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
+                p.unlink(missing_ok=True)
+
+
+def publish_directory(tmp: Union[str, Path], final: Union[str, Path]) -> None:
+    """Put the complete directory ``tmp`` in place of ``final``: a reader finds the old one, the new one, or none,
+    never a mix of the two (files written at different times would pass each other's size checks)."""
+    tmp, final = Path(tmp), Path(final)
+    if final.exists():
+        _remove_dir(final.parent, final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def remove_unpublished(directory: Union[str, Path], name: str) -> None:
+    """Delete ``.NAME.tmp-*`` and ``.NAME.old-*`` directories a kill left next to ``directory/NAME``."""
+    directory = Path(directory)
+    if directory.is_dir():
+        for p in directory.iterdir():
+            if p.is_dir() and (p.name.startswith(f".{name}.tmp-") or p.name.startswith(f".{name}.old-")):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _remove_dir(directory: Path, path: Path) -> None:
+    """Delete a checkpoint so that a kill midway never leaves a ``step-N`` that looks complete but is not."""
+    doomed = directory / f".{path.name}.old-{os.getpid()}"
+    os.replace(path, doomed)  # atomic: from here on it is no checkpoint; remove_incomplete finishes a cut-short delete
+    shutil.rmtree(doomed)
 
 
 def save_checkpoint(
@@ -125,16 +164,14 @@ def save_checkpoint(
         atomic_write(tmp / RNG_NAME, lambda t: torch.save(capture_rng_state(), t))
         atomic_write_text(tmp / STATE_NAME, json.dumps(state, indent=2))
         if final.exists():
-            old = directory / f".step-{step}.old-{os.getpid()}"
-            os.replace(final, old)
-            shutil.rmtree(old)
+            _remove_dir(directory, final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync_dir(directory)
     for old in complete_checkpoints(directory)[:-keep_last]:
-        shutil.rmtree(old)
+        _remove_dir(directory, old)
     return final
 
 
@@ -148,12 +185,61 @@ def load_checkpoint_files(path: Union[str, Path]) -> dict[str, Any]:
     missing = [n for n in (STATE_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, RNG_NAME) if not (path / n).is_file()]
     if missing:
         raise FileNotFoundError(f"Checkpoint {path} is incomplete: missing {', '.join(missing)}")
-    return {
-        "optimizer": torch.load(path / OPTIMIZER_NAME, map_location="cpu", weights_only=True),
-        "scheduler": torch.load(path / SCHEDULER_NAME, map_location="cpu", weights_only=True),
-        "rng": torch.load(path / RNG_NAME, map_location="cpu", weights_only=True),
-        "state": json.loads((path / STATE_NAME).read_text(encoding="utf-8")),
-    }
+    files = {key: _load_tensors(path / name) for key, name in (("optimizer", OPTIMIZER_NAME),
+                                                               ("scheduler", SCHEDULER_NAME), ("rng", RNG_NAME))}
+    try:
+        state = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DamagedCheckpointError(f"{path / STATE_NAME} is not valid JSON ({err})") from None
+    missing = [k for k in ("step", "epoch", "position", "num_examples", "data_sha256", "config")
+               if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise DamagedCheckpointError(f"{path / STATE_NAME} lacks {', '.join(missing)}: not a checkpoint lmcompose wrote")
+    files["state"] = state
+    return files
+
+
+def _load_tensors(file: Path) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary pickled objects."""
+    import pickle
+
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise DamagedCheckpointError(
+            f"{file} is refused: it holds more than tensors and plain values, and only weights-only files are "
+            f"loaded ({str(err).splitlines()[0]})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise DamagedCheckpointError(f"{file} cannot be read ({str(err).splitlines()[0]}); the file is damaged") from None
+
+
+def verify_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
+    """Read every file of a checkpoint (trainer states and the composition), without base models.
+
+    Returns:
+        what :func:`load_checkpoint_files` returns.
+    Raises:
+        DamagedCheckpointError: a file is missing, truncated, malformed or not weights-only.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .checkpoint import WEIGHTS_NAME, read_metadata
+
+    path = Path(path)
+    try:
+        files = load_checkpoint_files(path)
+        meta = read_metadata(path)
+        weights = path / WEIGHTS_NAME
+        if meta.get("weights_bytes") is not None and os.path.getsize(weights) != meta["weights_bytes"]:
+            raise DamagedCheckpointError(f"{weights} is truncated: its size differs from the one its JSON records")
+        load_file(str(weights))
+    except DamagedCheckpointError:
+        raise
+    except (FileNotFoundError, ValueError, SafetensorError, OSError) as err:
+        raise DamagedCheckpointError(str(err)) from None
+    return files
 
 
 def _fsync_dir(directory: Path) -> None:
