@@ -13,7 +13,7 @@ def tiny_config() -> KVPipelineConfig:
         task=KVTaskConfig(num_keys=30, value_max=3, min_operands=2, max_operands=2, num_eval=20),
         anchor_layers=2, anchor_hidden=32, anchor_heads=2, anchor_steps=30,
         augment_layers=1, augment_hidden=32, augment_heads=2, augment_steps=30,
-        batch_size=16, connections=[[0, 0], [0, 1]], compose_steps=15, threads=0,
+        batch_size=16, connections=[[0, 0], [0, 1]], compose_steps=15, baseline_steps=10, compose_heads=4, threads=0,
     )
 
 
