@@ -40,6 +40,9 @@ class CompositionConfig:
             raise ValueError(f"num_heads must be a positive integer, got {self.num_heads!r}")
         if self.norm not in ("auto", "rms", "layer", "none"):
             raise ValueError(f"norm must be one of 'auto', 'rms', 'layer', 'none'; got {self.norm!r}")
+        for name in ("rotary", "proj_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.connections is not None and self.num_connections is not None:
             raise ValueError("Give either num_connections or connections, not both.")
         if self.connections is not None:
