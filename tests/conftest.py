@@ -27,6 +27,15 @@ def randomize_composition(model, seed: int = 0, std: float = 0.3) -> None:
             p.copy_(noise.to(p.dtype))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module: tiny models run fastest so, and tests do not fight other processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny():
     """Factory for tiny random causal LMs: tiny(family, **sizes)."""

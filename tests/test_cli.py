@@ -23,13 +23,7 @@ from lmcompose.training_state import latest_checkpoint
 from tiny_bases import reverse_task, save_bases, write_jsonl
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; the killed subprocess below runs on one thread too."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,7 @@ from tiny_bases import reverse_task, save_bases, write_jsonl
 TESTS = Path(__file__).parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def free_port():

@@ -34,12 +34,7 @@ from tiny_bases import char_tokenizer, reverse_task, save_bases, tiny_pair, writ
 FORK = multiprocessing.get_context("fork")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

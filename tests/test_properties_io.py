@@ -28,12 +28,12 @@ WORK = Path(tempfile.mkdtemp(prefix="lmcompose-properties-"))
 TOKENIZER = char_tokenizer()
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def remove_work_folder():
     yield
-    torch.set_num_threads(threads)
     shutil.rmtree(WORK, ignore_errors=True)
 
 
