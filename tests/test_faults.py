@@ -346,26 +346,20 @@ def test_examples_longer_than_the_context_are_refused_naming_file_and_line(tmp_p
               config(max_steps=1), tmp_path / "run")
 
 
-def test_cli_refuses_a_too_long_generation_and_an_augment_with_another_tokenizer(cli_work, tmp_path, capsys):
-    from transformers import AutoTokenizer
-
+def test_cli_refuses_a_too_long_generation_and_bad_augment_tokenizer_flags(cli_work, tmp_path, capsys):
     base = ["--anchor", cli_work["anchor"], "--augment", cli_work["augment"]]
     assert main(["generate", *base, "--no-composition", "--prompt", "rev ab =>", "--max-new-tokens", "600"]) == 2
     err = capsys.readouterr().err
     assert "--prompt (10 tokens) plus --max-new-tokens 600 exceeds the 512 positions the anchor reads" in err
 
-    other = tmp_path / "other"
-    shutil.copytree(cli_work["augment"], other)
-    tokenizer = AutoTokenizer.from_pretrained(other)
-    vocab = tokenizer.backend_tokenizer.to_str().replace('"a":', '"A_":')  # same size, another mapping
-    (other / "tokenizer.json").write_text(vocab)
-    for command in (["train", "--data", cli_work["train"], "--output", str(tmp_path / "o")],
-                    ["eval", "--no-composition", "--data", cli_work["train"]]):
-        assert main([command[0], "--anchor", cli_work["anchor"], "--augment", str(other), *command[1:]]) == 2
-        err = capsys.readouterr().err.strip().splitlines()[-1]
-        assert err == (f"lmcompose {command[0]}: error: --augment {other}: its tokenizer differs from the anchor's "
-                       f"({cli_work['anchor']}); lmcompose {command[0]} reads token ids, so every augment must share "
-                       "the anchor's tokenizer")
+    train = ["train", *base, "--data", cli_work["train"], "--output", str(tmp_path / "o")]
+    assert main([*train, "--augment-tokenizer", cli_work["augment"], "--augment-tokenizer", cli_work["augment"]]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "lmcompose train: error: --augment-tokenizer was given 2 times for 1 --augment model(s); give at most one "
+        "per --augment, in the same order")
+    assert main([*train, "--augment-tokenizer", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"lmcompose train: error: --augment-tokenizer: No tokenizer at {tmp_path / 'nowhere'}: the path does not exist")
     assert not (tmp_path / "o").exists()
 
 
@@ -375,7 +369,7 @@ def test_trust_remote_code_is_off_unless_the_flag_is_given(monkeypatch, tmp_path
 
     seen = []
 
-    def fake_load_base(path, dtype=None, trust_remote_code=False):
+    def fake_load_base(path, dtype=None, trust_remote_code=False, with_tokenizer=True):
         seen.append(trust_remote_code)
         raise FileNotFoundError("stop here")
 

@@ -22,9 +22,10 @@ import torch
 REPLACEMENT = "\ufffd"  # what decoding shows for an incomplete UTF-8 character
 
 
-def _require_fast(tokenizer: Any, role: str) -> None:
+def require_fast(tokenizer: Any, role: str) -> None:
+    """Refuse a tokenizer that cannot align texts by characters (a slow, pure-Python one)."""
     if not getattr(tokenizer, "is_fast", False):
-        raise TypeError(
+        raise ValueError(
             f"The {role} tokenizer {type(tokenizer).__name__} is not a fast tokenizer; cross-tokenizer "
             "alignment needs character offsets. Load it with AutoTokenizer.from_pretrained(..., use_fast=True)."
         )
@@ -84,7 +85,7 @@ def _settled_without_pretokenizer(tokenizer: Any, text: str) -> int:
 
 def augment_tokens(tokenizer: Any, text: str) -> tuple[list[int], list[bool]]:
     """The augment's ids for ``text`` (its special tokens included) and which of them are special."""
-    _require_fast(tokenizer, "augment")
+    require_fast(tokenizer, "augment")
     encoded = tokenizer(text, return_special_tokens_mask=True)
     return list(encoded["input_ids"]), [bool(m) for m in encoded["special_tokens_mask"]]
 

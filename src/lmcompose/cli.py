@@ -18,26 +18,25 @@ from .training_config import TrainingConfig
 __all__ = ["CliError", "build_parser", "main", "parse_options", "run_demo", "run_eval", "run_generate", "run_train"]
 
 
-def _load(opts: argparse.Namespace, shared_tokenizer: str = "") -> tuple[Any, Any, list, list]:
+def _load(opts: argparse.Namespace) -> tuple[Any, Any, list, list]:
     """The bases named by the flags: (anchor, its tokenizer, augments, their tokenizers).
 
-    Args:
-        shared_tokenizer: when set (the command's name), every augment must share the anchor's tokenizer
-            (token-id data); one that does not is refused naming its flag, before any work.
+    An augment's tokenizer is the one beside its model unless ``--augment-tokenizer`` names another.
     """
-    from .input_checks import differing_tokenizers
-    from .models import load_base
+    from .models import load_base, load_tokenizer
 
     trust = bool(opts.trust_remote_code)
+    named = list(opts.augment_tokenizer or [])
+    if len(named) > len(opts.augment):
+        raise CliError(
+            f"--augment-tokenizer was given {len(named)} times for {len(opts.augment)} --augment model(s); "
+            "give at most one per --augment, in the same order"
+        )
     anchor, tokenizer = _with_flag("--anchor", load_base, opts.anchor, None, trust)
-    loaded = [_with_flag("--augment", load_base, path, None, trust) for path in opts.augment]
+    loaded = [_with_flag("--augment", load_base, path, None, trust, a >= len(named)) for a, path in enumerate(opts.augment)]
     augments, augment_tokenizers = [m for m, _ in loaded], [t for _, t in loaded]
-    if shared_tokenizer:
-        for a in differing_tokenizers(tokenizer, augment_tokenizers):
-            raise CliError(
-                f"--augment {opts.augment[a]}: its tokenizer differs from the anchor's ({opts.anchor}); "
-                f"lmcompose {shared_tokenizer} reads token ids, so every augment must share the anchor's tokenizer"
-            )
+    for a, path in enumerate(named):
+        augment_tokenizers[a] = _with_flag("--augment-tokenizer", load_tokenizer, path, trust)
     return anchor, tokenizer, augments, augment_tokenizers
 
 
@@ -48,11 +47,11 @@ def _with_flag(flag: str, fn: Callable, *args: Any) -> Any:
         raise CliError(f"{flag}: {err}") from None
 
 
-def _composed(opts: argparse.Namespace, shared_tokenizer: str = "") -> tuple[Any, Any]:
+def _composed(opts: argparse.Namespace) -> tuple[Any, Any]:
     """The composed model for generate / eval: the saved composition, or an identity one with --no-composition."""
     from .composed import ComposedModel
 
-    anchor, tokenizer, augments, augment_tokenizers = _load(opts, shared_tokenizer)
+    anchor, tokenizer, augments, augment_tokenizers = _load(opts)
     kwargs = {"tokenizer": tokenizer, "augment_tokenizer": augment_tokenizers}  # aligned when they differ
     if opts.composition:
         model = _with_flag(
@@ -80,12 +79,12 @@ def run_train(opts: argparse.Namespace) -> int:
     from .data import load_dataset
     from .training import train
 
-    anchor, tokenizer, augments, _ = _load(opts, shared_tokenizer="train")
+    anchor, tokenizer, augments, augment_tokenizers = _load(opts)
     composition = CompositionConfig(
         num_connections=opts.num_connections, connections=opts.connections, num_heads=opts.num_heads
     )
     set_seed(opts.seed)  # the seed decides the initial connection weights too: a run is a function of its options
-    model = ComposedModel(anchor, augments, composition, tokenizer=tokenizer)
+    model = ComposedModel(anchor, augments, composition, tokenizer=tokenizer, augment_tokenizer=augment_tokenizers)
     train_data = _with_flag("--data", load_dataset, opts.data, tokenizer, opts.max_length)
     eval_data = _with_flag("--eval-data", load_dataset, opts.eval_data, tokenizer, opts.max_length) if opts.eval_data else None
     config = TrainingConfig(
@@ -170,7 +169,7 @@ def run_eval(opts: argparse.Namespace) -> int:
 
     from .input_checks import check_example_lengths
 
-    model, tokenizer = _composed(opts, shared_tokenizer="eval")
+    model, tokenizer = _composed(opts)
     data = _with_flag("--data", load_dataset, opts.data, tokenizer, opts.max_length)
     check_example_lengths(data, model, "--data")
     kwargs = dict(

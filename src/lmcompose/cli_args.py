@@ -125,6 +125,10 @@ def _bases(p: argparse.ArgumentParser) -> None:
                    help="allow model directories to run their own Python code (off by default)")
     p.add_argument("--augment", metavar="PATH", action="append",
                    help="an augmenting model (same forms as --anchor); repeat the flag to compose several augments")
+    p.add_argument("--augment-tokenizer", metavar="PATH", action="append",
+                   help="the tokenizer of an augment, when not the one beside its model (a directory, a .gguf file); "
+                   "one per --augment, in the same order. Augments whose tokenizer differs from the anchor's read "
+                   "the same text in their own tokens (aligned by characters)")
 
 
 def _composition_source(p: argparse.ArgumentParser) -> None:

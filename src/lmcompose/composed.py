@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from . import introspect
+from .alignment import require_fast
 from .config import CompositionConfig, resolve_connections
 from .cross_attention import CrossAttention
 from .masking import cross_mask, positions_from_mask, same_position_limit
@@ -60,6 +61,9 @@ class ComposedModel(nn.Module):
         ]
         if tokenizer is None and any(t is not None for t in self.augment_tokenizers):
             raise ValueError("An augment tokenizer was given without the anchor's: pass tokenizer= as well")
+        for t in self.augment_tokenizers:
+            if t is not None:
+                require_fast(t, "augment")
         if self.composition_config.rotary and any(t is not None for t in self.augment_tokenizers):
             raise ValueError(
                 "rotary=True needs anchor and augment to share a tokenizer (positions must agree); "

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .completion import generate_completions
-from .data import IGNORE_INDEX, Collator, pad_token_id
+from .data import IGNORE_INDEX, collator_for
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,7 +127,7 @@ def evaluate(
         ``{"loss", "perplexity", "tokens", "examples"}`` plus ``exact_match``, ``chrf``,
         ``generated_examples`` and ``completions`` when generation ran.
     """
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=Collator(pad_token_id(tokenizer, model)))
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator_for(model, tokenizer))
     was_training = model.training
     model.eval()
     try:

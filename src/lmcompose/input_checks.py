@@ -1,4 +1,4 @@
-"""Checks of user input against the base models, run before any work: context length, shared tokenizers."""
+"""Checks of user input against the base models, run before any work: context lengths."""
 
 from __future__ import annotations
 
@@ -47,19 +47,41 @@ def check_example_lengths(dataset: Any, model: Any, what: str = "the data") -> N
     Raises:
         DataError: an example is longer than the smallest context; the message names where it is.
     """
+    if len(dataset) == 0:
+        return
     limit, role = composed_context_length(model)
-    if limit is None or len(dataset) == 0:
-        return
-    lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
-    longest = max(range(len(lengths)), key=lengths.__getitem__)
-    if lengths[longest] <= limit:
-        return
-    too_long = sum(n > limit for n in lengths)
-    raise DataError(
-        f"{_where(dataset, longest, what)}: the example has {lengths[longest]} tokens but the {role} reads at most "
-        f"{limit} (config.max_position_embeddings); {too_long} example(s) are longer. Truncate them with "
-        f"--max-length {limit} (max_length={limit}) or shorten them"
-    )
+    if limit is not None:
+        lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+        longest = max(range(len(lengths)), key=lengths.__getitem__)
+        if lengths[longest] > limit:
+            too_long = sum(n > limit for n in lengths)
+            raise DataError(
+                f"{_where(dataset, longest, what)}: the example has {lengths[longest]} tokens but the {role} reads "
+                f"at most {limit} (config.max_position_embeddings); {too_long} example(s) are longer. Truncate them "
+                f"with --max-length {limit} (max_length={limit}) or shorten them"
+            )
+    _check_augment_token_lengths(dataset, model, what)
+
+
+def _check_augment_token_lengths(dataset: Any, model: Any, what: str) -> None:
+    """The same check for augments with their own tokenizer: each text re-tokenized as the augment reads it."""
+    from .alignment import augment_tokens, decode_text
+
+    own = [(a, t) for a, t in enumerate(getattr(model, "augment_tokenizers", []) or []) if t is not None]
+    for a, augment_tokenizer in own:
+        limit = context_length(model.augments[a])
+        if limit is None:
+            continue
+        role = "augment" if len(model.augments) == 1 else f"augment {a}"
+        for i in range(len(dataset)):
+            text = decode_text(model.tokenizer, dataset[i]["input_ids"])
+            n = len(augment_tokens(augment_tokenizer, text)[0])
+            if n > limit:
+                raise DataError(
+                    f"{_where(dataset, i, what)}: the example's text is {n} tokens in the {role}'s own tokenizer, "
+                    f"but the {role} reads at most {limit} (config.max_position_embeddings). Shorten it, or lower "
+                    "--max-length (max_length) until the text fits"
+                )
 
 
 def _where(dataset: Any, index: int, what: str) -> str:
@@ -69,18 +91,3 @@ def _where(dataset: Any, index: int, what: str) -> str:
     if source and line:
         return f"{source}, line {line}"
     return f"{source or what}, example {index}"
-
-
-def same_tokenizer(anchor: Any, augment: Any) -> bool:
-    """Whether two tokenizers map text to the same ids (same vocabulary)."""
-    if augment is None or augment is anchor:
-        return True
-    try:
-        return anchor.get_vocab() == augment.get_vocab()
-    except (AttributeError, NotImplementedError):
-        return False
-
-
-def differing_tokenizers(tokenizer: Any, augment_tokenizers: Sequence[Any]) -> list[int]:
-    """The indices of the augments whose tokenizer is not the anchor's."""
-    return [a for a, t in enumerate(augment_tokenizers) if not same_tokenizer(tokenizer, t)]

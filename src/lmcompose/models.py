@@ -103,7 +103,9 @@ def smollm2_gguf() -> Any:
     return files[0]
 
 
-def load_base(path: Any, dtype: Any = None, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
+def load_base(
+    path: Any, dtype: Any = None, trust_remote_code: bool = False, with_tokenizer: bool = True
+) -> tuple[nn.Module, Any]:
     """Load a base causal LM and its tokenizer (in eval mode), never from the network.
 
     Args:
@@ -113,8 +115,10 @@ def load_base(path: Any, dtype: Any = None, trust_remote_code: bool = False) -> 
         dtype: a torch dtype for the weights (e.g. ``torch.bfloat16``); None keeps the saved one
             (float32 for GGUF).
         trust_remote_code: allow a model directory's own Python code; off unless asked for.
+        with_tokenizer: load the tokenizer beside the model; False when it comes from elsewhere
+            (a model directory then needs no tokenizer files).
     Returns:
-        (model, tokenizer).
+        (model, tokenizer); the tokenizer is None with ``with_tokenizer=False``.
     """
     from pathlib import Path
 
@@ -127,7 +131,7 @@ def load_base(path: Any, dtype: Any = None, trust_remote_code: bool = False) -> 
         return _load_gguf(path, dtype)
     if not path.is_dir():
         raise ValueError(f"{path} is not a model directory (a directory written by save_pretrained) or a .gguf file")
-    return _load_transformers_dir(path, dtype, trust_remote_code)
+    return _load_transformers_dir(path, dtype, trust_remote_code, with_tokenizer)
 
 
 def _load_gguf(path: Any, dtype: Any) -> tuple[nn.Module, Any]:
@@ -150,7 +154,9 @@ def _load_gguf(path: Any, dtype: Any) -> tuple[nn.Module, Any]:
     return model.eval(), tokenizer
 
 
-def _load_transformers_dir(path: Any, dtype: Any, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
+def _load_transformers_dir(
+    path: Any, dtype: Any, trust_remote_code: bool = False, with_tokenizer: bool = True
+) -> tuple[nn.Module, Any]:
     """A model directory written by ``save_pretrained`` (config.json, weights, tokenizer files)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -163,8 +169,37 @@ def _load_transformers_dir(path: Any, dtype: Any, trust_remote_code: bool = Fals
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"{path}: cannot load a causal LM ({str(err).splitlines()[0]})") from err
+    if not with_tokenizer:
+        return model.eval(), None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as err:
         raise ValueError(f"{path} holds a model but no usable tokenizer ({str(err).splitlines()[0]})") from err
     return model.eval(), tokenizer
+
+
+def load_tokenizer(path: Any, trust_remote_code: bool = False) -> Any:
+    """Load a tokenizer alone, never from the network: from a directory, a ``.gguf`` file or ``smollm2-135m``.
+
+    Args:
+        path: a directory with tokenizer files (``save_pretrained`` of a tokenizer or a model), a ``.gguf``
+            file, or the name ``smollm2-135m``.
+        trust_remote_code: allow a directory's own Python code; off unless asked for.
+    """
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    if str(path).lower() == SMOLLM2_NAME:
+        path = smollm2_gguf()
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No tokenizer at {path}: the path does not exist")
+    try:
+        if path.is_file() and path.suffix == ".gguf":
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+        if not path.is_dir():
+            raise ValueError("not a directory or a .gguf file")
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: no usable tokenizer ({str(err).splitlines()[0]})") from err

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .augment_cache import WithAugmentStates, open_or_build_cache
-from .data import Collator, EpochShuffleSampler, data_fingerprint, pad_token_id
+from .data import EpochShuffleSampler, collator_for, data_fingerprint, pad_token_id
 from .evaluation import completion_scores, evaluate_loss
 from .input_checks import check_example_lengths
 from .training_faults import StopSignals, TrainingDivergedError, agree_across_ranks, stop_diverged
@@ -115,12 +115,13 @@ def _prepare_model(accelerator: Any, model: Any) -> Any:
         del model._ddp_params_and_buffers_to_ignore  # DDP read it at construction; the model keeps no trace
 
 
-def _check_model(model: Any) -> None:
-    for a in range(len(model.augments)):
-        if not model.shares_tokenizer(a):
-            raise NotImplementedError(
-                "train() reads token-id data sets, so every augment must share the anchor's tokenizer"
-            )
+def _check_model(model: Any, config: TrainingConfig) -> None:
+    own = [a for a in range(len(model.augments)) if not model.shares_tokenizer(a)]
+    if own and config.cache_augment_states:
+        raise ValueError(
+            f"cache_augment_states (--cache-augment-states) needs augments that share the anchor's tokenizer; "
+            f"augment {own[0]} has its own, so its states depend on how each batch aligns. Turn the cache off"
+        )
 
 
 def _resume_state(
@@ -204,7 +205,7 @@ def train(
     config = config or TrainingConfig()
     if output_dir is None:
         raise TypeError("train() needs output_dir: the directory for checkpoints, metrics and the composition")
-    _check_model(model)
+    _check_model(model, config)
     check_example_lengths(train_dataset, model, "the training data")  # before any work, not at the step that fails
     if eval_dataset is not None:
         check_example_lengths(eval_dataset, model, "the evaluation data")
@@ -238,7 +239,7 @@ def train(
     set_seed(config.seed)
     wrapped = _prepare_model(accelerator, model)  # on the accelerator's device (the cache below is computed there)
     pad_id = pad_token_id(tokenizer, model)
-    collator = Collator(pad_id, config.padding_side)
+    collator = collator_for(model, tokenizer, config.padding_side)  # aligns augments with their own tokenizer
     eval_batch_size = config.eval_batch_size or config.batch_size
     data_sha = data_fingerprint(train_dataset)
 
