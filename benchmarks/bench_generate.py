@@ -64,6 +64,43 @@ def calm_pytorch(model: ComposedModel):
         return None
 
 
+HEADERS = ["total", "batch", "composed tok/s", "anchor tok/s", "augment tok/s", "full recompute tok/s", "ideal tok/s",
+           "composed/ideal", "composed/full", "calm-pytorch tok/s", "composed/calm-pytorch"]
+
+
+def generation_row(model: ComposedModel, total: int, batch: int, new: int, repeats: int, full: bool, calm) -> list:
+    """One table row: tokens/s of each case decoding ``new`` tokens after ``total - new`` (interleaved medians)."""
+    anchor, augment = model.anchor, model.augments[0]
+    ids = torch.randint(3, anchor.config.vocab_size, (batch, total - new), device=model.device)
+    hf = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    cases = {
+        "composed": lambda: model.generate(ids, max_new_tokens=new, eos_token_id=[]),
+        "anchor": lambda: anchor.generate(input_ids=ids, **hf),
+        "augment": lambda: augment.generate(input_ids=ids, **hf),
+    }
+    if full:
+        cases["full recompute"] = lambda: greedy_full_recompute(model, ids, max_new_tokens=new)
+    if calm is not None:
+        cases["calm-pytorch"] = lambda: calm.generate(ids, seq_len=total)
+    seconds = interleaved_medians(cases, repeats=repeats)
+    tps = {name: batch * new / s for name, s in seconds.items()}
+    ideal = 1 / (1 / tps["anchor"] + 1 / tps["augment"])
+    full_tps, other = tps.get("full recompute"), tps.get("calm-pytorch")
+    return [
+        total,
+        batch,
+        f"{tps['composed']:.1f}",
+        f"{tps['anchor']:.1f}",
+        f"{tps['augment']:.1f}",
+        f"{full_tps:.1f}" if full_tps else "-",
+        f"{ideal:.1f}",
+        f"{tps['composed'] / ideal:.2f}",
+        f"{tps['composed'] / full_tps:.1f}x" if full_tps else "-",
+        f"{other:.1f}" if other else "-",
+        f"{tps['composed'] / other:.1f}x" if other else "-",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new", type=int, default=128, help="new tokens per sequence")
@@ -84,40 +121,8 @@ def main() -> None:
     rows = []
     for spec in args.configs:
         total, batch = (int(x) for x in spec.lower().split("x"))
-        new = args.new
-        ids = torch.randint(3, anchor.config.vocab_size, (batch, total - new))
-        hf = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-        cases = {
-            "composed": lambda: model.generate(ids, max_new_tokens=new, eos_token_id=[]),
-            "anchor": lambda: anchor.generate(input_ids=ids, **hf),
-            "augment": lambda: augment.generate(input_ids=ids, **hf),
-        }
-        if not args.no_full:
-            cases["full recompute"] = lambda: greedy_full_recompute(model, ids, max_new_tokens=new)
-        if calm is not None:
-            cases["calm-pytorch"] = lambda: calm.generate(ids, seq_len=total)
-        seconds = interleaved_medians(cases, repeats=args.repeats)
-        tps = {name: batch * new / s for name, s in seconds.items()}
-        ideal = 1 / (1 / tps["anchor"] + 1 / tps["augment"])
-        full, other = tps.get("full recompute"), tps.get("calm-pytorch")
-        rows.append([
-            total,
-            batch,
-            f"{tps['composed']:.1f}",
-            f"{tps['anchor']:.1f}",
-            f"{tps['augment']:.1f}",
-            f"{full:.1f}" if full else "-",
-            f"{ideal:.1f}",
-            f"{tps['composed'] / ideal:.2f}",
-            f"{tps['composed'] / full:.1f}x" if full else "-",
-            f"{other:.1f}" if other else "-",
-            f"{tps['composed'] / other:.1f}x" if other else "-",
-        ])
-    print(table(
-        ["total", "batch", "composed tok/s", "anchor tok/s", "augment tok/s", "full recompute tok/s", "ideal tok/s",
-         "composed/ideal", "composed/full", "calm-pytorch tok/s", "composed/calm-pytorch"],
-        rows,
-    ))
+        rows.append(generation_row(model, total, batch, args.new, args.repeats, not args.no_full, calm))
+    print(table(HEADERS, rows))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ memory of each case (CPU: peak resident-memory growth during two steps, sampled 
 
 * composed: lmcompose (augment under no_grad up to its last connected block, anchor forward/backward,
   AdamW on the connections).
+* composed-recompute: the same with ``checkpoint_connections=True`` (the cross-attention is recomputed in
+  the backward pass instead of keeping its activations).
 * floor: the same augment pass, and the anchor forward/backward through the same blocks with one
   trivial trainable scalar at the lowest connection: the least any composition can cost.
 * lora: PEFT LoRA on the anchor's q/v projections, rank chosen so its parameters match the composition's.
@@ -34,7 +36,7 @@ from common import interleaved_medians, machine, table
 from lmcompose import ComposedModel, CompositionConfig, introspect
 from lmcompose.models import tiny_causal_lm
 
-CASES = ("composed", "floor", "lora", "calm-pytorch")
+CASES = ("composed", "composed-recompute", "floor", "lora", "calm-pytorch")
 
 
 def bases(size: str):
@@ -126,9 +128,9 @@ def build_step(case: str, anchor: nn.Module, augment: nn.Module, ids: torch.Tens
     (LoRA layers, permanent hooks), which must not leak into the other cases.
     """
     anchor, augment = copy.deepcopy(anchor), copy.deepcopy(augment)
-    composed = ComposedModel(anchor, augment, CompositionConfig())
-    if case == "composed":
-        model, loss_fn = composed, lambda: composed(ids, labels=ids).loss
+    composed = ComposedModel(anchor, augment, CompositionConfig(), checkpoint_connections=case == "composed-recompute")
+    if case in ("composed", "composed-recompute"):
+        model, loss_fn = composed.train(), lambda: composed(ids, labels=ids).loss
     elif case == "floor":
         model = Floor(composed)
         loss_fn = lambda: model(ids)

@@ -259,3 +259,16 @@ def test_demo_command_runs_the_pipeline_with_its_options_and_prints_the_table(tm
     assert calls == [(str(tmp_path / "out"), "paper", False)]
     assert "| CALM | 42.0 |" in capsys.readouterr().out
     assert main(["demo", "--preset", "huge"]) == 2
+
+
+def test_checkpoint_connections_trains_the_same_composition(work, tmp_path):
+    for name, extra in (("plain", ()), ("recompute", ("--checkpoint-connections",))):
+        assert main(train_args(work, tmp_path / name, "--max-steps", "4", *extra)) == 0
+    plain = load_file(tmp_path / "plain" / "composition" / WEIGHTS_NAME)
+    recomputed = load_file(tmp_path / "recompute" / "composition" / WEIGHTS_NAME)
+    assert plain.keys() == recomputed.keys()
+    for key in plain:
+        assert torch.allclose(plain[key], recomputed[key], atol=1e-5), key
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in plain.items() if ".out." in k)  # it did train
+    recorded = yaml.safe_load((tmp_path / "recompute" / "train_args.yaml").read_text())
+    assert recorded["checkpoint_connections"] is True

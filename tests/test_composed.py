@@ -120,6 +120,36 @@ def test_training_moves_only_the_composition():
     assert trainable == {id(p) for p in model.composition_parameters()}
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_checkpointed_connections_give_the_same_loss_and_gradients_and_save_activations(padded):
+    from torch.autograd.graph import saved_tensors_hooks
+
+    anchor, augment, _ = pair()
+    ids = torch.randint(3, 128, (4, 12))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :3] = 0
+    results = []
+    for recompute in (False, True):
+        model = ComposedModel(anchor, augment, CompositionConfig(connections=[(0, 0), (2, 1)]),
+                              checkpoint_connections=recompute)
+        randomize_composition(model)
+        model.train()
+        saved = []
+        with saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss = model(ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.composition_parameters()], sum(saved)))
+        model.eval()
+        with torch.no_grad():  # outside training nothing is checkpointed
+            assert torch.allclose(model(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
+    (loss, grads, saved), (loss_c, grads_c, saved_c) = results
+    assert torch.equal(loss, loss_c)
+    for g, g_c in zip(grads, grads_c):
+        assert torch.allclose(g, g_c, atol=1e-6, rtol=1e-5)
+    assert saved_c < saved  # fewer activation elements kept for the backward pass
+
+
 def test_augment_runs_without_a_graph():
     _, _, model = pair()
     states = model.augment_hidden(0, torch.randint(3, 128, (1, 5)))

@@ -84,7 +84,8 @@ def run_train(opts: argparse.Namespace) -> int:
         num_connections=opts.num_connections, connections=opts.connections, num_heads=opts.num_heads
     )
     set_seed(opts.seed)  # the seed decides the initial connection weights too: a run is a function of its options
-    model = ComposedModel(anchor, augments, composition, tokenizer=tokenizer, augment_tokenizer=augment_tokenizers)
+    model = ComposedModel(anchor, augments, composition, tokenizer=tokenizer, augment_tokenizer=augment_tokenizers,
+                          checkpoint_connections=opts.checkpoint_connections)
     train_data = _with_flag("--data", load_dataset, opts.data, tokenizer, opts.max_length)
     eval_data = _with_flag("--eval-data", load_dataset, opts.eval_data, tokenizer, opts.max_length) if opts.eval_data else None
     config = TrainingConfig(

@@ -26,6 +26,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "resume": False,
         "max_length": DEFAULT_MAX_LENGTH,
         "cache_augment_states": False,
+        "checkpoint_connections": False,
         "seed": _T.seed,
         "keep_last": _T.keep_last,
         "log_every": _T.log_every,
@@ -179,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"truncate examples to N tokens; the count of truncated ones is reported (default: {d['max_length']})")
     t.add_argument("--cache-augment-states", action=argparse.BooleanOptionalAction,
                    help="compute the frozen augments' states once and reuse them every epoch (disk, memory-mapped)")
+    t.add_argument("--checkpoint-connections", action=argparse.BooleanOptionalAction,
+                   help="recompute the cross-attention in the backward pass instead of keeping its activations "
+                   "(less memory, a little more time; default: off)")
     t.add_argument("--seed", type=_seed, help=f"seed of the data order and every RNG (default: {d['seed']})")
     t.add_argument("--eval-every", type=_positive, metavar="N", help="evaluate every N steps (default: at the end)")
     t.add_argument("--eval-generate", action=argparse.BooleanOptionalAction,

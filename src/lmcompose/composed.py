@@ -6,6 +6,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from . import introspect
@@ -34,6 +35,8 @@ class ComposedModel(nn.Module):
         config: which layers to connect and how; the paper's defaults when None.
         tokenizer: the anchor's tokenizer (optional; used by :meth:`tokenize` and stop strings).
         augment_tokenizer: the augment's tokenizer, one per augment, when it differs from the anchor's.
+        checkpoint_connections: in training, keep only each connection's inputs and recompute its
+            cross-attention in the backward pass (less activation memory, a little more time).
     """
 
     def __init__(
@@ -44,8 +47,10 @@ class ComposedModel(nn.Module):
         *,
         tokenizer: Any = None,
         augment_tokenizer: Any = None,
+        checkpoint_connections: bool = False,
     ) -> None:
         super().__init__()
+        self.checkpoint_connections = checkpoint_connections
         augments = list(augment) if isinstance(augment, (list, tuple)) else [augment]
         if not augments:
             raise ValueError("Give at least one augment model")
@@ -252,9 +257,15 @@ class ComposedModel(nn.Module):
             some = next(iter(states.values()))
             positions = torch.arange(some.shape[1], device=some.device)[None].expand(some.shape[0], -1)
         return [
-            connection.project(states[i], positions)
+            self._maybe_recompute(connection.project, states[i], positions)
             for connection, (i, _) in zip(self.connections[a], self.resolved_connections[a])
         ]
+
+    def _maybe_recompute(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)``, under activation checkpointing when ``checkpoint_connections`` applies to this call."""
+        if self.checkpoint_connections and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     @contextmanager
     def attach(
@@ -281,7 +292,7 @@ class ComposedModel(nn.Module):
                 hidden = output[0] if isinstance(output, (tuple, list)) else output  # (b, t, D_B)
                 delta = None
                 for connection, keys, values, mask in entries:
-                    d = connection(hidden, keys, values, mask, positions)
+                    d = self._maybe_recompute(connection, hidden, keys, values, mask, positions)
                     delta = d if delta is None else delta + d
                 hidden = hidden + delta.to(hidden.dtype)
                 if isinstance(output, (tuple, list)):
