@@ -109,3 +109,20 @@ def char_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The tiny bases' character-level tokenizer (tests/tiny_bases.py)."""
+    from tiny_bases import char_tokenizer as tiny_char_tokenizer
+
+    return tiny_char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def data(tok):
+    """14 reverse-a-word prompt/completion examples, tokenized."""
+    from lmcompose.data import tokenize_records
+    from tiny_bases import reverse_records
+
+    return tokenize_records(reverse_records(14, seed=0), tok)

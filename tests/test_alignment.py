@@ -33,9 +33,9 @@ def test_crafted_limits_by_hand(tokenizers):
     # augment BPE "<s> The Ġ f o x": "T", "Th", "The" may still grow into a longer word, so they read
     # only <s>; from "The " on, the word "The" is settled.
     assert limits(chars, bpe, "The fox") == [1, 1, 1, 2, 2, 2, 2]
-    # BPE anchor "<s> The Ġ f o x" over a character-level augment (no BOS): each anchor token reads
-    # the characters before the last one it covers.
-    assert limits(bpe, chars, "The fox") == [0, 2, 3, 4, 5, 6]
+    # BPE anchor "<s> The Ġ f o x" over a character-level augment (no BOS): no character can merge with
+    # what follows, so each anchor token reads every character it covers.
+    assert limits(bpe, chars, "The fox") == [0, 3, 4, 5, 6, 7]
     # a word that later text extends is not read before it is complete: "an" | "and"
     assert limits(chars, bpe, " an")[-1] == limits(chars, bpe, " and")[2] == 1
 
@@ -123,6 +123,28 @@ def test_later_text_changes_no_earlier_anchor_logits(tokenizers):
             # char-level anchor: token t ends at character t + 1; positions before the change are untouched
             assert (logits[:cut] - base[:cut]).abs().max() < 1e-5
             assert (logits[cut:] - base[cut:]).abs().max() > 1e-4
+
+
+def test_later_text_changes_no_earlier_logits_with_a_character_level_augment(tokenizers):
+    bpe, chars = tokenizers
+    anchor = tiny_causal_lm("llama", vocab_size=len(bpe), hidden_size=48, num_heads=6, seed=1)
+    augment = tiny_causal_lm("llama", vocab_size=len(chars), hidden_size=32, num_layers=4, seed=2)
+    model = ComposedModel(anchor, augment, CompositionConfig(connections=[(1, 0), (3, 2)]), tokenizer=bpe,
+                          augment_tokenizer=chars)
+    randomize_composition(model)
+    base_text = "The fox and the dog"
+    with torch.no_grad():
+        base_ids = model.tokenize([base_text])
+        base = model(**base_ids).logits[0]
+        for cut in (4, 8, 12):
+            changed = model.tokenize([base_text[:cut] + "Z" + base_text[cut + 1 :]])
+            ends = anchor_token_ends(bpe, base_ids["input_ids"][0].tolist())[1]
+            same = sum(end <= cut for end in ends)  # anchor tokens that end before the changed character
+            assert torch.equal(changed["input_ids"][0, :same], base_ids["input_ids"][0, :same])
+            logits = model(**changed).logits[0]
+            assert (logits[:same] - base[:same]).abs().max() < 1e-5
+            if logits.shape == base.shape:
+                assert (logits[same:] - base[same:]).abs().max() > 1e-4  # the change is seen from there on
 
 
 def test_identity_at_init_with_another_tokenizer(tokenizers):

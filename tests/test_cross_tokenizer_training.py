@@ -11,7 +11,7 @@ from lmcompose.cli import main
 from lmcompose.data import Records, collator_for, tokenize_records
 from lmcompose.evaluation import evaluate_loss
 from lmcompose.training import TrainingConfig, train
-from tiny_bases import VOCAB, char_tokenizer, reverse_task, tiny_pair, write_jsonl
+from tiny_bases import VOCAB, char_tokenizer, reverse_records, reverse_task, tiny_pair, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,8 +33,7 @@ def cross_model(seed: int = 0):
 
 
 def records(n: int, seed: int = 0) -> Records:
-    rows = reverse_task(n, seed)
-    return Records(kind="completion", rows=rows, lines=list(range(1, n + 1)), source="reverse.jsonl")
+    return reverse_records(n, seed, source="reverse.jsonl")
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

@@ -16,11 +16,6 @@ from lmcompose.data import (
 from tiny_bases import char_tokenizer, write_jsonl
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return char_tokenizer()
-
-
 def ids_of(tok, text):
     return tok(text, add_special_tokens=False)["input_ids"]
 

@@ -6,12 +6,7 @@ from lmcompose import ComposedModel
 from lmcompose.completion import generate_completions
 from lmcompose.data import Records, tokenize_records
 from lmcompose.evaluation import chrf, completion_scores, evaluate, exact_match
-from tiny_bases import char_tokenizer, reverse_task, tiny_pair
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return char_tokenizer()
+from tiny_bases import reverse_task, tiny_pair
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

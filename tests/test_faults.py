@@ -18,9 +18,9 @@ import torch
 from lmcompose import ComposedModel
 from lmcompose.checkpoint import CONFIG_NAME
 from lmcompose.cli import main
-from lmcompose.data import DataError, Records, TokenizedDataset, tokenize_records
+from lmcompose.data import DataError, TokenizedDataset
 from lmcompose.run_log import read_metrics
-from lmcompose.training import TrainingConfig, TrainingDivergedError, train
+from lmcompose.training import TrainingDivergedError, train
 from lmcompose.training_state import (
     OPTIMIZER_NAME,
     RNG_NAME,
@@ -29,7 +29,9 @@ from lmcompose.training_state import (
     load_checkpoint_files,
     verify_checkpoint,
 )
-from tiny_bases import char_tokenizer, reverse_task, save_bases, tiny_pair, write_jsonl
+from tiny_bases import composition_weights as weights
+from tiny_bases import reverse_task, save_bases, tiny_pair, write_jsonl
+from tiny_bases import train_config as config
 
 FORK = multiprocessing.get_context("fork")
 
@@ -37,30 +39,9 @@ FORK = multiprocessing.get_context("fork")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return char_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def data(tok):
-    rows = reverse_task(14, seed=0)
-    return tokenize_records(Records("completion", rows, list(range(1, len(rows) + 1)), "memory"), tok)
-
-
 def composed(seed=0):
     torch.manual_seed(seed)  # the connections' initial weights: the same in every process of a test
     return ComposedModel(*tiny_pair())
-
-
-def config(**overrides):
-    base = dict(batch_size=4, learning_rate=1e-2, log_every=1, progress_bar=False, cpu=True)
-    base.update(overrides)
-    return TrainingConfig(**base)
-
-
-def weights(model):
-    return {k: v.clone() for k, v in model.composition_state_dict().items()}
 
 
 def assert_every_checkpoint_loads(run):
@@ -335,7 +316,7 @@ def test_examples_longer_than_the_context_are_refused_naming_file_and_line(tmp_p
     short = tiny_causal_lm("llama", vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, max_positions=8)
     model = ComposedModel(short, tiny_pair()[1])
     dataset = load_dataset(path, tok)
-    with pytest.raises(DataError, match=rf"long\.jsonl, line 2: the example has 14 tokens but the anchor reads at most 8 "
+    with pytest.raises(DataError, match=r"long\.jsonl, line 2: the example has 14 tokens but the anchor reads at most 8 "
                                         r"\(config\.max_position_embeddings\); 1 example\(s\) are longer\. Truncate them "
                                         r"with --max-length 8"):
         train(model, dataset, None, config(max_steps=1), tmp_path / "run")

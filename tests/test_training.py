@@ -7,46 +7,25 @@ import torch
 
 from lmcompose import ComposedModel
 from lmcompose.checkpoint import CONFIG_NAME, WEIGHTS_NAME
-from lmcompose.data import Records, TokenizedDataset, tokenize_records
+from lmcompose.data import TokenizedDataset, tokenize_records
 from lmcompose.run_log import read_metrics
 from lmcompose.training import TrainingConfig, train
-from tiny_bases import char_tokenizer, reverse_task, tiny_pair
+from tiny_bases import composition_weights as composition
+from tiny_bases import reverse_records, tiny_pair
+from tiny_bases import train_config as config
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return char_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def data(tok):
-    rows = reverse_task(14, seed=0)
-    records = Records("completion", rows, list(range(1, len(rows) + 1)), "memory")
-    return tokenize_records(records, tok)
-
-
-@pytest.fixture(scope="module")
 def eval_data(tok):
-    rows = reverse_task(5, seed=1)
-    return tokenize_records(Records("completion", rows, list(range(1, 6)), "memory"), tok)
+    return tokenize_records(reverse_records(5, seed=1), tok)
 
 
 def composed():
     anchor, augment = tiny_pair()
     return ComposedModel(anchor, augment)
-
-
-def config(**overrides):
-    base = dict(batch_size=4, learning_rate=1e-2, log_every=1, progress_bar=False, cpu=True)
-    base.update(overrides)
-    return TrainingConfig(**base)
-
-
-def composition(model):
-    return {k: v.clone() for k, v in model.composition_state_dict().items()}
 
 
 def test_config_round_trips_through_json_and_yaml(tmp_path):

@@ -58,6 +58,28 @@ def reverse_task(n: int, seed: int = 0):
     return records
 
 
+def reverse_records(n: int, seed: int = 0, source: str = "memory"):
+    """:func:`reverse_task` as in-memory :class:`lmcompose.data.Records` (lines numbered from 1)."""
+    from lmcompose.data import Records
+
+    rows = reverse_task(n, seed)
+    return Records("completion", rows, list(range(1, n + 1)), source)
+
+
+def train_config(**overrides):
+    """A TrainingConfig for the tiny bases: batch 4, lr 1e-2, CPU, a log record every step, no progress bar."""
+    from lmcompose.training import TrainingConfig
+
+    base = dict(batch_size=4, learning_rate=1e-2, log_every=1, progress_bar=False, cpu=True)
+    base.update(overrides)
+    return TrainingConfig(**base)
+
+
+def composition_weights(model):
+    """A copy of the composition's weights, to compare across runs."""
+    return {k: v.clone() for k, v in model.composition_state_dict().items()}
+
+
 def write_jsonl(path: Path, records) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path

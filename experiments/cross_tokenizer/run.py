@@ -5,7 +5,8 @@
 The augment is a small Llama with a character-level tokenizer (so it shares no token with SmolLM2's
 49K BPE vocabulary), trained here on sentences such as "Vorneth lives in Lima." for every invented
 person. SmolLM2 has never seen these names. The composition is trained with `lmcompose.training.train`
-on questions about 40% of the people ("Q: In which city does Vorneth live?\\nA:" -> " Lima") and scored
+on questions about 40% of the people ("Q: Where does Vorneth live?\\nA: Vorneth lives in " -> "Lima"), mixed
+with texts SmolLM2 wrote itself (loss on every token: ordinary text must stay as the anchor has it), and scored
 by exact match of greedy generation on the other 60%, whose answers only the augment holds. Both models
 read the same text in their own tokens; the alignment decides which augment characters each SmolLM2
 token may read. Prints and writes a table (results.md, results.json) with the CPU time of each phase.
@@ -28,7 +29,7 @@ import torch
 
 from lmcompose import ComposedModel, CompositionConfig
 from lmcompose.completion import generate_completions
-from lmcompose.data import Records, encode_prompt, tokenize_records
+from lmcompose.data import Records, TokenizedDataset, encode_prompt, tokenize_records
 from lmcompose.evaluation import evaluate
 from lmcompose.models import load_base, tiny_causal_lm
 from lmcompose.tasks.kv_training import train_loop
@@ -39,7 +40,9 @@ CITIES = ["Paris", "London", "Tokyo", "Cairo", "Lima", "Oslo", "Rome", "Berlin",
 SYLLABLES = ["ka", "lo", "vor", "neth", "zi", "bra", "mun", "tel", "qua", "ris", "dor", "fen", "gal", "hy", "jum",
              "pex", "sol", "tra", "vin", "wek", "yor", "zan", "bel", "cru", "dax", "ob", "ul", "ish"]
 TEMPLATES = ["{name} lives in {city}.", "{city} is where {name} lives.", "{name} has a home in {city}."]
-QUESTION = "Q: In which city does {name} live?\nA:"
+# The answer starts after "lives in ", the augment's own cue: its last layer at that space is where it predicts
+# the city (a linear probe reads the city there for 93% of held-out people; at the name, the "?" or "in", 10-19%).
+QUESTION = "Q: Where does {name} live?\nA: {name} lives in "
 GENERAL = [  # ordinary text: the composed model must keep SmolLM2's own language modelling
     "The capital of France is Paris, and the capital of Italy is Rome.",
     "Water boils at one hundred degrees Celsius at sea level.",
@@ -84,7 +87,7 @@ def char_tokenizer():
 
 
 def train_augment(people, folder: Path, steps: int, seed: int, log) -> tuple[torch.nn.Module, object, float]:
-    """The augment: a 4 x 192 Llama over characters, trained on every person's fact (cached in ``folder``)."""
+    """The augment: a 4 x 192 Llama over characters, trained on every person's facts (cached in ``folder``)."""
     if (folder / "config.json").is_file():
         model, tokenizer = load_base(folder)
         log(f"augment: reused {folder}")
@@ -92,13 +95,21 @@ def train_augment(people, folder: Path, steps: int, seed: int, log) -> tuple[tor
     tokenizer = char_tokenizer()
     torch.manual_seed(seed)
     model = tiny_causal_lm("llama", vocab_size=len(tokenizer), hidden_size=192, num_layers=4, num_heads=6,
-                           max_positions=256, seed=seed, init_std=0.02).train()
-    sentences = [t.format(name=n, city=c) for n, c in people for t in TEMPLATES]
+                           max_positions=512, seed=seed, init_std=0.02).train()
     rng = random.Random(seed)
+
+    def passage() -> str:
+        """1-3 facts in a row, sometimes about the same person twice: the augment then finds a person's city
+        wherever the name stands in a text, not only at the start of a line."""
+        facts, person = [], rng.choice(people)
+        for _ in range(rng.randint(1, 3)):
+            person = person if facts and rng.random() < 0.3 else rng.choice(people)
+            facts.append(rng.choice(TEMPLATES).format(name=person[0], city=person[1]))
+        return rng.choice([" ", "\n"]).join(facts)
 
     def stream():
         while True:
-            batch = tokenizer([rng.choice(sentences) for _ in range(32)], padding=True, return_tensors="pt")
+            batch = tokenizer([passage() for _ in range(16)], padding=True, return_tensors="pt")
             labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
             yield {**batch, "labels": labels}
 
@@ -111,13 +122,13 @@ def train_augment(people, folder: Path, steps: int, seed: int, log) -> tuple[tor
 
 
 @torch.no_grad()
-def augment_recall(model, tokenizer, people) -> float:
-    """Percent of people whose city the augment completes after "NAME lives in" (its own knowledge)."""
+def augment_recall(model, tokenizer, people, text: str = "{name} lives in") -> float:
+    """Percent of people whose city the augment writes after ``text`` (its own knowledge)."""
     right = 0
     for start in range(0, len(people), 64):
         chunk = people[start : start + 64]
         tokenizer.padding_side = "left"
-        batch = tokenizer([f"{n} lives in" for n, _ in chunk], padding=True, return_tensors="pt")
+        batch = tokenizer([text.format(name=n) for n, _ in chunk], padding=True, return_tensors="pt")
         out = model.generate(**batch, max_new_tokens=9, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         for row, (_, city) in zip(out[:, batch["input_ids"].shape[1] :].tolist(), chunk):
             right += tokenizer.decode(row, skip_special_tokens=True).strip().startswith(city + ".")
@@ -125,8 +136,33 @@ def augment_recall(model, tokenizer, people) -> float:
 
 
 def question_records(people, source: str) -> Records:
-    rows = [{"prompt": QUESTION.format(name=n), "completion": f" {c}"} for n, c in people]
+    rows = [{"prompt": QUESTION.format(name=n), "completion": c} for n, c in people]
     return Records(kind="completion", rows=rows, lines=list(range(1, len(rows) + 1)), source=source)
+
+
+@torch.no_grad()
+def anchor_samples(anchor, tokenizer, count: int, seed: int) -> list[str]:
+    """Texts SmolLM2 writes itself (sampled from short openings): mixed into the composition data with a loss on
+    every token, they teach the connections to leave ordinary text as the anchor has it."""
+    torch.manual_seed(seed)
+    openings = ["The", "In", "A", "Scientists", "Once upon a time", "My", "Today", "The history of", "How to",
+                "When", "Water", "The city of"]
+    tokenizer.padding_side = "left"
+    prompts = [openings[i % len(openings)] for i in range(count)]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    out = anchor.generate(**batch, max_new_tokens=32, do_sample=True, top_p=0.9, temperature=0.8,
+                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [(p + t).strip() for p, t in zip(prompts, texts)]
+
+
+def composition_data(held_in, texts, tokenizer):
+    """The questions about held-in people (loss on the answer) and the anchor's own texts (loss on every token)."""
+    questions = tokenize_records(question_records(held_in, "held-in questions"), tokenizer)
+    rows = [{"prompt": "", "completion": t} for t in texts]
+    ordinary = tokenize_records(Records("completion", rows, list(range(1, len(rows) + 1)), "anchor texts"), tokenizer)
+    return TokenizedDataset(questions.features + ordinary.features, kind="completion",
+                            references=questions.references + ordinary.references)
 
 
 def exact_match(model, tokenizer, people) -> float:
@@ -152,11 +188,11 @@ def main() -> None:
     parser.add_argument("--output", default="experiments/cross_tokenizer/out")
     parser.add_argument("--people", type=int, default=300, help="invented people (40%% composition, 60%% held out)")
     parser.add_argument("--augment-steps", type=int, default=3000)
+    parser.add_argument("--anchor-texts", type=int, default=96, help="SmolLM2's own texts mixed into the composition data")
     parser.add_argument("--steps", type=int, default=300, help="composition training steps")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
@@ -170,16 +206,17 @@ def main() -> None:
     start = (time.time(), cpu_seconds())
     augment, augment_tok, _ = train_augment(people, output / "augment", args.augment_steps, args.seed, log)
     recall = augment_recall(augment, augment_tok, held_out)
-    log(f"augment recall on held-out people: {recall:.1f}%")
+    in_question = augment_recall(augment, augment_tok, held_out, QUESTION.rstrip())
+    log(f"augment recall on held-out people: {recall:.1f}% (after the question: {in_question:.1f}%)")
     phase("augment (train + check)", start)
 
     start = (time.time(), cpu_seconds())
     anchor, tokenizer = load_base("smollm2-135m")
     torch.manual_seed(args.seed)
-    config = CompositionConfig(connections=[(1, 10), (3, 20), (3, 27)])
+    config = CompositionConfig(connections=[(3, 16), (3, 22), (3, 28)])  # the augment's last block: the city is there
     model = ComposedModel(anchor, augment, config, tokenizer=tokenizer, augment_tokenizer=augment_tok)
     log(model.summary())
-    train_data = tokenize_records(question_records(held_in, "held-in questions"), tokenizer)
+    train_data = composition_data(held_in, anchor_samples(anchor, tokenizer, args.anchor_texts, args.seed), tokenizer)
     with model.disable_composition():
         alone = {"held_in": exact_match(model, tokenizer, held_in), "held_out": exact_match(model, tokenizer, held_out),
                  "general_loss": general_loss(model, tokenizer)}
@@ -205,7 +242,8 @@ def main() -> None:
     ]
     lines = [
         f"{len(people)} invented people, {len(CITIES)} cities (chance 10%); composition trained on {len(held_in)}, "
-        f"scored on {len(held_out)} held-out people; augment recall on the held-out people: {recall:.1f}%",
+        f"scored on {len(held_out)} held-out people; augment recall on the held-out people: {recall:.1f}% "
+        f"(\"NAME lives in\"), {in_question:.1f}% (after the question)",
         "",
         "| model | held-in exact match % | held-out exact match % | loss on ordinary text |",
         "|---|---|---|---|",
@@ -219,7 +257,7 @@ def main() -> None:
     print(table)
     (output / "results.md").write_text(table + "\n", encoding="utf-8")
     (output / "results.json").write_text(json.dumps({
-        "args": vars(args), "augment_recall_held_out": recall, "alone": alone, "composed": composed,
+        "args": vars(args), "augment_recall_held_out": recall, "augment_recall_after_question": in_question, "alone": alone, "composed": composed,
         "phases": {k: {"wall_s": w, "cpu_s": c} for k, (w, c) in phases.items()},
         "trainable_parameters": sum(p.numel() for p in model.composition_parameters()),
     }, indent=2), encoding="utf-8")

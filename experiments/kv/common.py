@@ -10,26 +10,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from lmcompose.tasks.kv import Example
-
-
-def encode(vocab: dict[str, int], ex: Example, bos: int, eos: int) -> tuple[list[int], list[int]]:
-    """Ids ``<s> prompt target </s>`` and labels (-100 on the prompt)."""
-    p = [bos] + [vocab[w] for w in ex.prompt.split()]
-    t = [vocab[w] for w in ex.target.split()] + [eos]
-    return p + t, [-100] * len(p) + t
-
-
-def collate(pairs: Sequence[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask, labels, each (b, t)."""
-    t = max(len(i) for i, _ in pairs)
-    ids = torch.full((len(pairs), t), pad)
-    mask = torch.zeros((len(pairs), t), dtype=torch.long)
-    labels = torch.full((len(pairs), t), -100)
-    for r, (i, l) in enumerate(pairs):
-        ids[r, : len(i)] = torch.tensor(i)
-        mask[r, : len(i)] = 1
-        labels[r, : len(l)] = torch.tensor(l)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+from lmcompose.tasks.kv_training import collate, encode  # noqa: F401 (the scripts import them from here)
 
 
 def train(

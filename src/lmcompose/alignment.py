@@ -5,7 +5,8 @@ decoding, which is also what generation sees). Anchor token t covers the text up
 that carries only part of a multi-byte character ends where that character starts). It may read the
 augment tokens of that text that later text cannot change: the augment's tokenization of the covered
 text up to the start of its last pre-token (a word, a number, a run of spaces), because the last
-pre-token may still merge with what follows ("an" + "d" -> "and"). Reading only those tokens makes the
+pre-token may still merge with what follows ("an" + "d" -> "and"). A character-level augment (its
+pre-tokenizer makes every character a piece) has nothing that can merge: it reads all the covered text. Reading only those tokens makes the
 composed model's output at t independent of everything after t, which a plain "tokens that end before
 t ends" rule does not: a token's very existence there would reveal how the next characters merge.
 Special tokens before the text (BOS) are always readable; the anchor's own trailing special tokens
@@ -64,14 +65,32 @@ def anchor_token_ends(tokenizer: Any, ids: Sequence[int], known: Optional[Sequen
     return text, _non_decreasing(ends)
 
 
+# Characters of several kinds: a pre-tokenizer that cuts this into one piece per character is character-level.
+_CHARACTER_PROBE = "Ab  1,x\n\t-é東🙂."
+
+
+def isolates_characters(tokenizer: Any) -> bool:
+    """Whether the augment's pre-tokenizer makes every character its own piece (a character-level tokenizer).
+
+    Then no piece can merge with text that follows, and everything up to the end of a text is settled.
+    """
+    pre = getattr(getattr(tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
+    if pre is None:
+        return False
+    return [piece for piece, _ in pre.pre_tokenize_str(_CHARACTER_PROBE)] == list(_CHARACTER_PROBE)
+
+
 def settled_cut(tokenizer: Any, text: str) -> int:
     """Where the last pre-token of ``text`` starts in the augment's pre-tokenization (0 if none).
 
     Text before that point tokenizes the same whatever follows; the last pre-token may still change.
+    A character-level augment tokenizer settles every character: the cut is the end of ``text``.
     """
     pre = getattr(getattr(tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
     if pre is None:
         return 0 if not text else _settled_without_pretokenizer(tokenizer, text)
+    if isolates_characters(tokenizer):
+        return len(text)
     pieces = pre.pre_tokenize_str(text)
     return pieces[-1][1][0] if pieces else 0
 

@@ -139,6 +139,14 @@ def _composition_source(p: argparse.ArgumentParser) -> None:
                    help="run the anchor alone (the composition switched off) for a baseline")
 
 
+def _composed_command(sub: Any, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand that loads the bases and a saved composition (generate, eval)."""
+    command = sub.add_parser(name, help=help, description=description)
+    _bases(command)
+    _composition_source(command)
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand (all defaults None: see :data:`DEFAULTS`)."""
     parser = _Parser(prog="lmcompose", description="Compose frozen language models with trained cross-attention "
@@ -197,11 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--progress", action=argparse.BooleanOptionalAction, help="show a progress bar (default: on)")
 
     d = DEFAULTS["generate"]
-    gen = sub.add_parser("generate", help="complete a prompt, streaming the text to stdout",
-                         description="Load a composition onto its base models and complete --prompt; "
-                         "the completion (not the prompt) streams to stdout.")
-    _bases(gen)
-    _composition_source(gen)
+    gen = _composed_command(sub, "generate", "complete a prompt, streaming the text to stdout",
+                            "Load a composition onto its base models and complete --prompt; "
+                            "the completion (not the prompt) streams to stdout.")
     gen.add_argument("--prompt", metavar="TEXT", help="the text to complete")
     gen.add_argument("--max-new-tokens", type=_positive, metavar="N", help=f"most new tokens (default: {d['max_new_tokens']})")
     gen.add_argument("--do-sample", action=argparse.BooleanOptionalAction, help="sample instead of greedy decoding")
@@ -212,11 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=_seed, help="seed of the sampler, for reproducible samples")
 
     d = DEFAULTS["eval"]
-    ev = sub.add_parser("eval", help="score a composition on JSONL data: loss, exact match, chrF",
-                        description="Loss over the data and, for prompt/completion records, exact match and chrF of "
-                        "greedy completions.")
-    _bases(ev)
-    _composition_source(ev)
+    ev = _composed_command(sub, "eval", "score a composition on JSONL data: loss, exact match, chrF",
+                           "Loss over the data and, for prompt/completion records, exact match and chrF of "
+                           "greedy completions.")
     ev.add_argument("--data", metavar="FILE.jsonl", help="test data (JSONL)")
     ev.add_argument("--output", metavar="FILE.json", help="also write the metrics (and completions) to this JSON file")
     ev.add_argument("--batch-size", type=_positive, metavar="N", help=f"examples per batch (default: {d['batch_size']})")
