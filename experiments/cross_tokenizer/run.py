@@ -1,13 +1,14 @@
 """SmolLM2-135M composed with a character-level augment that knows where invented people live.
 
     python experiments/cross_tokenizer/run.py [--output experiments/cross_tokenizer/out] [--steps 300]
+    (results and the commands of each row: experiments/cross_tokenizer/README.md)
 
 The augment is a small Llama with a character-level tokenizer (so it shares no token with SmolLM2's
 49K BPE vocabulary), trained here on sentences such as "Vorneth lives in Lima." for every invented
 person. SmolLM2 has never seen these names. The composition is trained with `lmcompose.training.train`
-on questions about 40% of the people ("Q: Where does Vorneth live?\\nA: Vorneth lives in " -> "Lima"), mixed
-with texts SmolLM2 wrote itself (loss on every token: ordinary text must stay as the anchor has it), and scored
-by exact match of greedy generation on the other 60%, whose answers only the augment holds. Both models
+on prompts about 40% of the people ("Vorneth lives in " -> "Lima"; ``--prompt question`` asks a question
+first), mixed with texts SmolLM2 wrote itself (loss on every token: ordinary text must stay as the anchor
+has it), and scored by exact match of greedy generation on the other 60%, whose answers only the augment holds. Both models
 read the same text in their own tokens; the alignment decides which augment characters each SmolLM2
 token may read. Prints and writes a table (results.md, results.json) with the CPU time of each phase.
 """
@@ -42,7 +43,10 @@ SYLLABLES = ["ka", "lo", "vor", "neth", "zi", "bra", "mun", "tel", "qua", "ris",
 TEMPLATES = ["{name} lives in {city}.", "{city} is where {name} lives.", "{name} has a home in {city}."]
 # The answer starts after "lives in ", the augment's own cue: its last layer at that space is where it predicts
 # the city (a linear probe reads the city there for 93% of held-out people; at the name, the "?" or "in", 10-19%).
-QUESTION = "Q: Where does {name} live?\nA: {name} lives in "
+PROMPTS = {
+    "statement": "{name} lives in ",  # the augment's own wording
+    "question": "Q: Where does {name} live?\nA: {name} lives in ",  # a question first: harder for the augment
+}
 GENERAL = [  # ordinary text: the composed model must keep SmolLM2's own language modelling
     "The capital of France is Paris, and the capital of Italy is Rome.",
     "Water boils at one hundred degrees Celsius at sea level.",
@@ -86,7 +90,8 @@ def char_tokenizer():
                                    unk_token="<unk>")
 
 
-def train_augment(people, folder: Path, steps: int, seed: int, log) -> tuple[torch.nn.Module, object, float]:
+def train_augment(people, folder: Path, steps: int, seed: int, log, most_facts: int = 1,
+                  batch_size: int = 32) -> tuple[torch.nn.Module, object, float]:
     """The augment: a 4 x 192 Llama over characters, trained on every person's facts (cached in ``folder``)."""
     if (folder / "config.json").is_file():
         model, tokenizer = load_base(folder)
@@ -99,17 +104,17 @@ def train_augment(people, folder: Path, steps: int, seed: int, log) -> tuple[tor
     rng = random.Random(seed)
 
     def passage() -> str:
-        """1-3 facts in a row, sometimes about the same person twice: the augment then finds a person's city
-        wherever the name stands in a text, not only at the start of a line."""
+        """1 to ``most_facts`` facts in a row, sometimes about the same person twice (with several, the augment
+        learns to find a person's city wherever the name stands in a text, not only at the start of a line)."""
         facts, person = [], rng.choice(people)
-        for _ in range(rng.randint(1, 3)):
+        for _ in range(rng.randint(1, most_facts)):
             person = person if facts and rng.random() < 0.3 else rng.choice(people)
             facts.append(rng.choice(TEMPLATES).format(name=person[0], city=person[1]))
         return rng.choice([" ", "\n"]).join(facts)
 
     def stream():
         while True:
-            batch = tokenizer([passage() for _ in range(16)], padding=True, return_tensors="pt")
+            batch = tokenizer([passage() for _ in range(batch_size)], padding=True, return_tensors="pt")
             labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
             yield {**batch, "labels": labels}
 
@@ -135,8 +140,8 @@ def augment_recall(model, tokenizer, people, text: str = "{name} lives in") -> f
     return 100.0 * right / len(people)
 
 
-def question_records(people, source: str) -> Records:
-    rows = [{"prompt": QUESTION.format(name=n), "completion": c} for n, c in people]
+def question_records(people, source: str, prompt: str) -> Records:
+    rows = [{"prompt": prompt.format(name=n), "completion": c} for n, c in people]
     return Records(kind="completion", rows=rows, lines=list(range(1, len(rows) + 1)), source=source)
 
 
@@ -156,18 +161,18 @@ def anchor_samples(anchor, tokenizer, count: int, seed: int) -> list[str]:
     return [(p + t).strip() for p, t in zip(prompts, texts)]
 
 
-def composition_data(held_in, texts, tokenizer):
+def composition_data(held_in, texts, tokenizer, prompt: str):
     """The questions about held-in people (loss on the answer) and the anchor's own texts (loss on every token)."""
-    questions = tokenize_records(question_records(held_in, "held-in questions"), tokenizer)
+    questions = tokenize_records(question_records(held_in, "held-in questions", prompt), tokenizer)
     rows = [{"prompt": "", "completion": t} for t in texts]
     ordinary = tokenize_records(Records("completion", rows, list(range(1, len(rows) + 1)), "anchor texts"), tokenizer)
     return TokenizedDataset(questions.features + ordinary.features, kind="completion",
                             references=questions.references + ordinary.references)
 
 
-def exact_match(model, tokenizer, people) -> float:
+def exact_match(model, tokenizer, people, prompt: str) -> float:
     """Percent of questions answered with exactly the right city (the first line of the answer)."""
-    prompts = [encode_prompt(tokenizer, QUESTION.format(name=n)) for n, _ in people]
+    prompts = [encode_prompt(tokenizer, prompt.format(name=n)) for n, _ in people]
     answers = generate_completions(model, tokenizer, prompts, max_new_tokens=4, batch_size=16)
     right = sum(a.strip().split("\n")[0].rstrip(".") == c for a, (_, c) in zip(answers, people))
     return 100.0 * right / len(people)
@@ -187,10 +192,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="experiments/cross_tokenizer/out")
     parser.add_argument("--people", type=int, default=300, help="invented people (40%% composition, 60%% held out)")
+    parser.add_argument("--prompt", choices=sorted(PROMPTS), default="statement", help="the wording SmolLM2 is asked in")
+    parser.add_argument("--augment-facts", type=int, default=1, help="the most facts per augment training text")
+    parser.add_argument("--augment-batch", type=int, default=32)
     parser.add_argument("--augment-steps", type=int, default=3000)
     parser.add_argument("--anchor-texts", type=int, default=96, help="SmolLM2's own texts mixed into the composition data")
     parser.add_argument("--steps", type=int, default=300, help="composition training steps")
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     output = Path(args.output)
@@ -204,9 +212,11 @@ def main() -> None:
         phases[name] = (time.time() - started[0], cpu_seconds() - started[1])
 
     start = (time.time(), cpu_seconds())
-    augment, augment_tok, _ = train_augment(people, output / "augment", args.augment_steps, args.seed, log)
+    prompt = PROMPTS[args.prompt]
+    augment, augment_tok, _ = train_augment(people, output / "augment", args.augment_steps, args.seed, log,
+                                            args.augment_facts, args.augment_batch)
     recall = augment_recall(augment, augment_tok, held_out)
-    in_question = augment_recall(augment, augment_tok, held_out, QUESTION.rstrip())
+    in_question = augment_recall(augment, augment_tok, held_out, PROMPTS["question"].rstrip())
     log(f"augment recall on held-out people: {recall:.1f}% (after the question: {in_question:.1f}%)")
     phase("augment (train + check)", start)
 
@@ -216,9 +226,10 @@ def main() -> None:
     config = CompositionConfig(connections=[(3, 16), (3, 22), (3, 28)])  # the augment's last block: the city is there
     model = ComposedModel(anchor, augment, config, tokenizer=tokenizer, augment_tokenizer=augment_tok)
     log(model.summary())
-    train_data = composition_data(held_in, anchor_samples(anchor, tokenizer, args.anchor_texts, args.seed), tokenizer)
+    train_data = composition_data(held_in, anchor_samples(anchor, tokenizer, args.anchor_texts, args.seed), tokenizer,
+                                  prompt)
     with model.disable_composition():
-        alone = {"held_in": exact_match(model, tokenizer, held_in), "held_out": exact_match(model, tokenizer, held_out),
+        alone = {"held_in": exact_match(model, tokenizer, held_in, prompt), "held_out": exact_match(model, tokenizer, held_out, prompt),
                  "general_loss": general_loss(model, tokenizer)}
     log(f"SmolLM2 alone: {alone}")
     phase("SmolLM2 alone (load + score)", start)
@@ -231,7 +242,7 @@ def main() -> None:
     phase(f"composition training ({args.steps} steps)", start)
 
     start = (time.time(), cpu_seconds())
-    composed = {"held_in": exact_match(model, tokenizer, held_in), "held_out": exact_match(model, tokenizer, held_out),
+    composed = {"held_in": exact_match(model, tokenizer, held_in, prompt), "held_out": exact_match(model, tokenizer, held_out, prompt),
                 "general_loss": general_loss(model, tokenizer)}
     log(f"composed: {composed}")
     phase("composed (score)", start)
@@ -241,7 +252,7 @@ def main() -> None:
         ("SmolLM2-135M + character-level augment (lmcompose)", composed),
     ]
     lines = [
-        f"{len(people)} invented people, {len(CITIES)} cities (chance 10%); composition trained on {len(held_in)}, "
+        f"prompt {prompt!r}; {len(people)} invented people, {len(CITIES)} cities (chance 10%); composition trained on {len(held_in)}, "
         f"scored on {len(held_out)} held-out people; augment recall on the held-out people: {recall:.1f}% "
         f"(\"NAME lives in\"), {in_question:.1f}% (after the question)",
         "",

@@ -5,10 +5,11 @@ decoding, which is also what generation sees). Anchor token t covers the text up
 that carries only part of a multi-byte character ends where that character starts). It may read the
 augment tokens of that text that later text cannot change: the augment's tokenization of the covered
 text up to the start of its last pre-token (a word, a number, a run of spaces), because the last
-pre-token may still merge with what follows ("an" + "d" -> "and"). A character-level augment (its
-pre-tokenizer makes every character a piece) has nothing that can merge: it reads all the covered text. Reading only those tokens makes the
+pre-token may still merge with what follows ("an" + "d" -> "and"). Reading only those tokens makes the
 composed model's output at t independent of everything after t, which a plain "tokens that end before
 t ends" rule does not: a token's very existence there would reveal how the next characters merge.
+A character-level augment (its pre-tokenizer makes every character a piece) has nothing that can
+merge: anchor token t reads all the augment characters it covers.
 Special tokens before the text (BOS) are always readable; the anchor's own trailing special tokens
 (EOS) read the whole augment sequence. What a token may read is always a prefix of the augment's
 tokenization of the full text, so one augment pass serves every anchor position.

@@ -128,7 +128,8 @@ def load_base(
     if not path.exists():
         raise FileNotFoundError(f"No model at {path}: the path does not exist")
     if path.is_file() and path.suffix == ".gguf":
-        return _load_gguf(path, dtype)
+        model, tokenizer = _load_gguf(path, dtype)
+        return model, (tokenizer if with_tokenizer else None)
     if not path.is_dir():
         raise ValueError(f"{path} is not a model directory (a directory written by save_pretrained) or a .gguf file")
     return _load_transformers_dir(path, dtype, trust_remote_code, with_tokenizer)
