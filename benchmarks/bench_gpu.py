@@ -34,6 +34,7 @@ from bench_generate import calm_pytorch, generation_row
 from bench_train import build_step
 from common import interleaved_medians, machine, table
 from lmcompose import ComposedModel, CompositionConfig, introspect
+from lmcompose.config import resolve_connections
 
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s.
 PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
@@ -73,10 +74,9 @@ def peak_flops(args: argparse.Namespace) -> float | None:
 
 def step_flops(anchor: torch.nn.Module, augment: torch.nn.Module, case: str, trainable: int, tokens: int) -> float:
     """Matmul FLOPs of one training step of ``case`` (see the module docstring)."""
-    composed = ComposedModel(anchor, augment, CompositionConfig())  # only to read where the connections are
-    pairs = composed.resolved_connections[0]
-    highest, lowest = max(i for i, _ in pairs), min(j for _, j in pairs)
     blocks_a, blocks_b = introspect.decoder_blocks(augment), introspect.decoder_blocks(anchor)
+    pairs = resolve_connections(CompositionConfig(), [len(blocks_a)], len(blocks_b))[0]  # the cases' connections
+    highest, lowest = max(i for i, _ in pairs), min(j for _, j in pairs)
 
     def params(modules) -> int:
         return sum(p.numel() for m in modules for p in m.parameters())

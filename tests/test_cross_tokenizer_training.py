@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import byte_bpe_tokenizer
+from conftest import byte_bpe_tokenizer, randomize_composition
 from lmcompose import ComposedModel, CompositionConfig
 from lmcompose.cli import main
 from lmcompose.data import Records, collator_for, tokenize_records
@@ -38,8 +38,6 @@ def records(n: int, seed: int = 0) -> Records:
 
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_collated_batches_are_aligned_as_tokenize_aligns_the_texts(side):
-    from conftest import randomize_composition
-
     model = cross_model()
     randomize_composition(model)
     data = tokenize_records(records(5), model.tokenizer)
@@ -86,7 +84,7 @@ def test_train_with_an_augment_of_another_tokenizer(tmp_path):
             ids = batch["input_ids"][0].tolist() + [model.tokenizer.eos_token_id]
             with_eos = tokenize_records(Records("completion", [row], [1], "x"), model.tokenizer)[0]
             assert ids == with_eos["input_ids"]
-            full = model(**collator_for(model)([with_eos]), ).logits[0]
+            full = model(**collator_for(model)([with_eos])).logits[0]
             assert (full[:-1] - logits).abs().max() < 1e-5
             labels = torch.tensor(with_eos["labels"])
             scored = labels[1:] != -100
@@ -120,6 +118,7 @@ def test_augment_text_longer_than_its_context_is_refused_before_training(tmp_pat
 def test_cli_trains_evaluates_and_generates_with_augment_tokenizer(tmp_path, capsys):
     anchor = tiny_pair()[0]
     augment, bpe = bpe_augment()
+    assert VOCAB != len(bpe)  # the two models really read different ids
     anchor.save_pretrained(tmp_path / "anchor")
     char_tokenizer().save_pretrained(tmp_path / "anchor")
     augment.save_pretrained(tmp_path / "augment")  # no tokenizer beside it: --augment-tokenizer names it
@@ -148,4 +147,3 @@ def test_cli_trains_evaluates_and_generates_with_augment_tokenizer(tmp_path, cap
     from lmcompose.completion import complete
 
     assert streamed.strip() == complete(model, model.tokenizer, "rev abc =>", max_new_tokens=4).strip()
-    assert VOCAB != len(bpe)  # the two models really read different ids

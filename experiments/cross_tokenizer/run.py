@@ -132,8 +132,7 @@ def augment_recall(model, tokenizer, people, text: str = "{name} lives in") -> f
     right = 0
     for start in range(0, len(people), 64):
         chunk = people[start : start + 64]
-        tokenizer.padding_side = "left"
-        batch = tokenizer([text.format(name=n) for n, _ in chunk], padding=True, return_tensors="pt")
+        batch = tokenizer([text.format(name=n) for n, _ in chunk], padding=True, padding_side="left", return_tensors="pt")
         out = model.generate(**batch, max_new_tokens=9, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         for row, (_, city) in zip(out[:, batch["input_ids"].shape[1] :].tolist(), chunk):
             right += tokenizer.decode(row, skip_special_tokens=True).strip().startswith(city + ".")
@@ -152,9 +151,8 @@ def anchor_samples(anchor, tokenizer, count: int, seed: int) -> list[str]:
     torch.manual_seed(seed)
     openings = ["The", "In", "A", "Scientists", "Once upon a time", "My", "Today", "The history of", "How to",
                 "When", "Water", "The city of"]
-    tokenizer.padding_side = "left"
     prompts = [openings[i % len(openings)] for i in range(count)]
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
     out = anchor.generate(**batch, max_new_tokens=32, do_sample=True, top_p=0.9, temperature=0.8,
                           pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)

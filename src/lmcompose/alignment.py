@@ -124,11 +124,12 @@ def settled_limits(
     """
     by_cut: dict[int, int] = {}
     limits = []
+    every_character = isolates_characters(tokenizer)  # once per text, not once per anchor token
     for end, trailing in zip(anchor_ends, anchor_trailing):
         if trailing:
             limits.append(len(full_ids))
             continue
-        cut = settled_cut(tokenizer, text[:end])
+        cut = end if every_character else settled_cut(tokenizer, text[:end])
         if cut not in by_cut:
             ids, special = augment_tokens(tokenizer, text[:cut])
             # drop special tokens the tokenizer appends (EOS): they would say the text ends here
