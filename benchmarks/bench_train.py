@@ -3,7 +3,9 @@
     python benchmarks/bench_train.py [--size tiny|smollm2] [--batch 8] [--seq 128] [--repeats 5]
 
 One step = forward + backward + optimiser step. Prints tokens/s (median of interleaved runs) and peak
-memory of each case (CPU: peak resident-memory growth during two steps, sampled every millisecond in a fresh process running only that case; CUDA: max allocated).
+memory of each case: what training needs on top of the frozen bases at the peak of a first step (trainable
+weights, their gradients and AdamW state, activations kept for backward, temporaries; CPU: counted exactly
+by ``common.TensorMemory``, CUDA: max allocated).
 
 * composed: lmcompose (augment under no_grad up to its last connected block, anchor forward/backward,
   AdamW on the connections).
@@ -19,12 +21,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import subprocess
 import sys
-import threading
-import time
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, os.path.dirname(__file__))
@@ -32,7 +30,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch
 from torch import nn
 
-from common import interleaved_medians, machine, table
+from common import TensorMemory, interleaved_medians, machine, table
 from lmcompose import ComposedModel, CompositionConfig, introspect
 from lmcompose.models import tiny_causal_lm
 
@@ -168,49 +166,24 @@ def build_step(case: str, anchor: nn.Module, augment: nn.Module, ids: torch.Tens
     return step, sum(p.numel() for p in params)
 
 
-def peak_memory_of(case: str, args: argparse.Namespace) -> float:
-    """MiB of peak memory one training step adds, measured in a fresh process."""
-    cmd = [sys.executable, __file__, "--memory-case", case, "--size", args.size, "--batch", str(args.batch), "--seq", str(args.seq)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-    return json.loads(out)["peak_mib"]
+def peak_memory(case: str, anchor: nn.Module, augment: nn.Module, ids: torch.Tensor) -> float:
+    """MiB that training ``case`` needs on top of the frozen bases, at the peak of its first step: its
+    trainable weights, plus everything the step creates and holds at once (activations kept for backward,
+    temporaries, gradients, the optimiser's state). CPU: counted exactly by ``TensorMemory``; CUDA: max
+    allocated above what was allocated before the step."""
+    step, trainable = build_step(case, anchor, augment, ids)
+    return trainable * 4 / 2**20 + _step_peak(step)  # fp32 weights
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def memory_case(args: argparse.Namespace) -> None:
-    anchor, augment = bases(args.size)
-    ids = torch.randint(3, anchor.config.vocab_size, (args.batch, args.seq))
-    step, _ = build_step(args.memory_case, anchor, augment, ids)
+def _step_peak(step) -> float:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         step()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    with TensorMemory() as tracker:
         step()
-        peak = (torch.cuda.max_memory_allocated() - before) / 2**20
-    else:
-        import gc
-
-        gc.collect()
-        before = _rss_bytes()
-        samples = [before]
-        stop = threading.Event()
-
-        def sample() -> None:  # poll the resident set size while the steps run
-            while not stop.is_set():
-                samples.append(_rss_bytes())
-                time.sleep(0.001)
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        step()
-        step()
-        stop.set()
-        sampler.join()
-        peak = (max(samples) - before) / 2**20
-    print(json.dumps({"case": args.memory_case, "peak_mib": peak}))
+    return tracker.peak / 2**20
 
 
 def main() -> None:
@@ -220,13 +193,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timed steps per case (median)")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES, help="which cases to run")
-    parser.add_argument("--no-memory", action="store_true", help="skip the per-case memory processes")
-    parser.add_argument("--memory-case", help=argparse.SUPPRESS)
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     args = parser.parse_args()
     torch.manual_seed(0)
-    if args.memory_case:
-        memory_case(args)
-        return
     anchor, augment = bases(args.size)
     ids = torch.randint(3, anchor.config.vocab_size, (args.batch, args.seq))
     cases, counts = {}, {}
@@ -239,7 +208,7 @@ def main() -> None:
                 continue
         cases[case], counts[case] = build_step(case, anchor, augment, ids)
     seconds = interleaved_medians(cases, repeats=args.repeats)
-    memory = {case: (None if args.no_memory else peak_memory_of(case, args)) for case in cases}
+    memory = {case: (None if args.no_memory else peak_memory(case, anchor, augment, ids)) for case in cases}
     tokens = args.batch * args.seq
     print(f"machine: {machine()}")
     print(f"size {args.size}: anchor {sum(p.numel() for p in anchor.parameters()) / 1e6:.1f}M, "

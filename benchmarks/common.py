@@ -6,9 +6,11 @@ import os
 import platform
 import statistics
 import time
+import weakref
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def machine() -> str:
@@ -55,3 +57,35 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
     line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
+
+
+class TensorMemory(TorchDispatchMode):
+    """Peak bytes of tensor storage created inside the context and alive at the same time.
+
+    Deterministic, unlike the process's resident size (allocator caching, page reuse): every storage an
+    operator returns is counted from its creation until it is freed. Storages that existed before the
+    context (weights, optimiser state) are not counted. (torch's own ``MemTracker`` cannot be used: it
+    hooks every parameter's gradient and fails on frozen ones.)
+    """
+
+    def __enter__(self) -> "TensorMemory":
+        self.live, self.peak, self._seen = 0, 0, weakref.WeakSet()
+        return super().__enter__()
+
+    def _freed(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = torch.utils._pytree.tree_leaves
+        inputs = {t.untyped_storage().data_ptr() for t in leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                # an output aliasing an input (a view, an in-place update of a weight) is no new memory
+                if storage.nbytes() and storage.data_ptr() not in inputs and storage not in self._seen:
+                    self._seen.add(storage)
+                    self.live += storage.nbytes()
+                    weakref.finalize(storage, self._freed, storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out

@@ -8,12 +8,13 @@ from lmcompose.tasks.kv import KVTaskConfig
 from lmcompose.tasks.kv_pipeline import KVPipelineConfig, lora_rank_for, paper_config, quick_config, run_demo
 
 
-def tiny_config() -> KVPipelineConfig:
+def tiny_config(workers: int = 2) -> KVPipelineConfig:
     return KVPipelineConfig(
         task=KVTaskConfig(num_keys=30, value_max=3, min_operands=2, max_operands=2, num_eval=20),
         anchor_layers=2, anchor_hidden=32, anchor_heads=2, anchor_steps=30,
         augment_layers=1, augment_hidden=32, augment_heads=2, augment_steps=30,
-        batch_size=16, connections=[[0, 0], [0, 1]], compose_steps=15, baseline_steps=10, compose_heads=4, threads=0,
+        batch_size=16, connections=[[0, 0], [0, 1]], compose_steps=15, baseline_steps=10, compose_heads=4, threads=1,
+        workers=workers,
     )
 
 
@@ -33,10 +34,30 @@ def test_pipeline_end_to_end_then_cached(tmp_path):
     bases = next((tmp_path / "bases").iterdir())
     anchor_file = bases / "anchor" / "model.safetensors"
     before = anchor_file.read_bytes()
-    again = run_demo(str(tmp_path), progress=False, config=tiny_config())
+    assert results["workers"] == 2
+    again = run_demo(str(tmp_path), progress=False, config=tiny_config(workers=1))
     assert again["bases"]["cached"] is True  # the second run skips base training
-    assert again["rows"]["m_B"] == results["rows"]["m_B"]  # the cached anchor is the same model
+    # every row is the same whether its training ran in a worker process or in this one
+    assert again["rows"] == results["rows"]
     assert anchor_file.read_bytes() == before  # training CALM, LoRA and fine-tuning never touched the saved bases
+
+
+def test_the_anchor_reads_every_key_as_unknown(tmp_path):
+    from lmcompose.tasks.kv import KVRepository
+    from lmcompose.tasks.kv_pipeline import load_or_train_bases
+
+    config = tiny_config()
+    repo = KVRepository(config.task)
+    anchor, augment, tok, _ = load_or_train_bases(config, repo, tmp_path)
+    vocab = tok.get_vocab()
+    anchor_rows, augment_rows = anchor.get_input_embeddings().weight, augment.get_input_embeddings().weight
+    keys = [vocab[k] for k in repo.keys]
+    assert torch.equal(anchor_rows[keys], anchor_rows[tok.unk_token_id].expand(len(keys), -1))  # still, after training
+    assert not torch.equal(augment_rows[keys[0]], augment_rows[keys[1]])  # the augment tells keys apart
+    with torch.no_grad():  # so the anchor alone cannot tell two expressions apart that differ only in their keys
+        a, b = (anchor(torch.tensor([[tok.bos_token_id] + [vocab[w] for w in text.split()]])).logits
+                for text in (f"{repo.keys[0]} + {repo.keys[1]} =", f"{repo.keys[2]} + {repo.keys[3]} ="))
+    assert torch.equal(a, b)
 
 
 def test_lora_rank_matches_the_budget_and_presets_differ():

@@ -22,6 +22,22 @@ from lmcompose import ComposedModel, CompositionConfig
 from lmcompose.tasks.kv import KVRepository, KVTaskConfig, build_tokenizer, num_math_example
 
 
+def sink_forward(self, anchor_hidden, keys, values, mask=None, positions=None):
+    """CrossAttention.forward with one extra all-zero key/value slot (attending it adds nothing)."""
+    b, t, dim = anchor_hidden.shape
+    q = self._heads(self.query(self.anchor_norm(anchor_hidden)))
+    if self.rotary:
+        q = xa.apply_rotary(q, positions)
+    s = keys.shape[2]
+    if mask is None:
+        mask = torch.ones(t, s, dtype=torch.bool).tril()[None, None].expand(b, 1, t, s)
+    zero = keys.new_zeros(b, keys.shape[1], 1, keys.shape[3])
+    k, v = torch.cat([zero, keys], 2), torch.cat([zero, values], 2)
+    m = torch.cat([mask.new_ones(mask.shape[0], 1, mask.shape[2], 1), mask], -1)
+    y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)
+    return self.out(y.transpose(1, 2).reshape(b, t, dim))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--anchor", default="cache/anchor_d9")
@@ -41,9 +57,15 @@ def main() -> None:
     ap.add_argument("--num-keys", type=int, default=200)
     ap.add_argument("--min-ops", type=int, default=2)
     ap.add_argument("--max-ops", type=int, default=3)
+    ap.add_argument("--entry-block", type=int, default=0,
+                    help="prepend an identity block to the anchor: anchor layer 0 is then the embeddings")
+    ap.add_argument("--sink", type=int, default=0, help="a zero key/value slot every query may attend to")
+    ap.add_argument("--shared-keys", type=int, default=0, help="set every key's anchor embedding to <unk>'s")
     ap.add_argument("--zero-keys", type=int, default=0, help="set the anchor's (never trained) key embeddings to 0")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.sink:
+        xa.CrossAttention.forward = sink_forward
     if args.theta != 10000.0:
         xa.apply_rotary = functools.partial(xa.apply_rotary, theta=args.theta)
     repo = KVRepository(KVTaskConfig(num_keys=args.num_keys, value_max=args.value_max, min_operands=args.min_ops,
@@ -52,9 +74,16 @@ def main() -> None:
     vocab, bos, eos, pad = tok.get_vocab(), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     anchor = AutoModelForCausalLM.from_pretrained(args.anchor).eval()
     augment = AutoModelForCausalLM.from_pretrained(args.augment).eval()
+    if args.shared_keys:  # every key reads as the anchor's <unk>: the anchor cannot tell keys apart
+        with torch.no_grad():
+            emb = anchor.get_input_embeddings().weight
+            emb[[vocab[k] for k in repo.keys]] = emb[tok.unk_token_id].clone()
     if args.zero_keys:
         with torch.no_grad():
             anchor.get_input_embeddings().weight[[vocab[k] for k in repo.keys]] = 0.0
+    if args.entry_block:
+        from surgery import with_entry_block
+        anchor = with_entry_block(anchor)
     torch.manual_seed(args.seed)
     model = ComposedModel(anchor, augment, CompositionConfig(connections=json.loads(args.connections), rotary=True,
                                                              num_heads=args.heads))
@@ -74,8 +103,17 @@ def main() -> None:
 
     def report():
         model.eval()
+        def kind(e):
+            a = repo.kv_math(e).target
+            return f"{len(e.keys)}ops-" + ("neg" if a.startswith("-") else f"{len(a.split())}d")
+
+        kinds = sorted({kind(e) for e in ev})
+        by_kind = " ".join(f"{k}:{exact_match(model, [p for p, e in zip(kv_out, ev) if kind(e) == k], pad):.0f}"
+                           f"/{sum(kind(e) == k for e in ev)}" for k in kinds)
+        by_ops = by_kind + " " + " ".join(f"{n}ops {exact_match(model, [p for p, e in zip(kv_out, ev) if len(e.keys) == n], pad):.1f}%"
+                          for n in sorted({len(e.keys) for e in ev}))
         r = (f"KV-MATH in {exact_match(model, kv_in, pad):.1f}% out {exact_match(model, kv_out, pad):.1f}% "
-             f"NUM {exact_match(model, num, pad):.1f}%")
+             f"({by_ops}) NUM {exact_match(model, num, pad):.1f}%")
         model.train()
         return r
 

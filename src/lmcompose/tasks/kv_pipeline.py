@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -34,6 +33,12 @@ class KVPipelineConfig:
     anchor_heads: int = 4
     anchor_steps: int = 2000
     anchor_lr: float = 1e-3
+    # The anchor never sees a key in training, so its embedding rows for keys stay distinct random vectors, which a
+    # composition uses to memorise the 38 held-in keys' values instead of reading them from the augment (held-out
+    # 26% vs held-in 38% at 600 steps; 37% vs 45% with this; LOG.md runs 24-26). True: every key gets the anchor's
+    # <unk> embedding, what an anchor whose vocabulary lacks the keys would read. The key knowledge must then come
+    # from the augment, which is the point of the experiment.
+    anchor_unknown_keys: bool = True
     # augment m_A: memorises keys (KV-SUBS over all keys), no arithmetic. 2x96 reaches 100% in 400 steps.
     augment_layers: int = 2
     augment_hidden: int = 96
@@ -49,9 +54,10 @@ class KVPipelineConfig:
     # fits faster early (held-out 37.8% at step 600 vs 31.2% with 16 heads and 22.2% with 4) and ends level with 16
     # (51.8% vs 51.4% at 1500 steps; LOG.md runs 13, 15, 16)
     compose_heads: Optional[int] = 32
-    # steps of CALM and of CALM with a random m_A (the matched control, same steps). Quick: 2500: CALM's held-out
-    # accuracy still rose at 1500 steps in every run (LOG.md runs 13-16); more does not fit the 20-minute budget.
-    compose_steps: int = 2500
+    # steps of CALM and of CALM with a random m_A (the matched control, same steps). Quick: 1500, what fits the
+    # 5-minute budget with cached bases (two processes, ~0.115 s per step each on a 2-core CPU). Accuracy still rises
+    # with more steps (held-out 48.6% at 1500, 2500 steps gave +5-8 points in earlier runs; LOG.md runs 22, 26c).
+    compose_steps: int = 1500
     # steps of LoRA and full fine-tuning on D_C; None: compose_steps. Quick: 1000: both fit D_C completely by then
     # (training loss 0.045 and 0.013 at step 1000 in the first full run) and, having no access to the held-out keys'
     # values, stayed at m_B's guessing floor after 1500 (6.6%, 8.4%); saves ~3 minutes.
@@ -61,7 +67,9 @@ class KVPipelineConfig:
     num_math_mix: float = 0.3
     lora_lr: float = 3e-3  # LoRA on m_B, rank matched to CALM's parameter count (paper Table 5)
     finetune_lr: float = 3e-4  # full fine-tuning of m_B on D_C
-    threads: int = 1  # torch threads (the quick preset is sized for one core)
+    threads: int = 1  # torch threads per process (tiny models: one thread per core is fastest)
+    # processes training the four D_C rows side by side (each with ``threads`` threads); 0: cores // threads
+    workers: int = 0
     seed: int = 0  # seed of model initialisation and data streams (the task has its own seed)
 
     def to_dict(self) -> dict[str, Any]:
@@ -160,6 +168,24 @@ def train_lm(model: nn.Module, make: Callable, tokenizer: Any, steps: int, lr: f
     return seconds
 
 
+def unknown_keys(anchor: nn.Module, tokenizer: Any, repo: KVRepository) -> None:
+    """Give every key the anchor's ``<unk>`` input embedding (in place), as if its vocabulary lacked the keys."""
+    vocab = tokenizer.get_vocab()
+    with torch.no_grad():
+        table = anchor.get_input_embeddings().weight
+        table[[vocab[k] for k in repo.keys]] = table[tokenizer.unk_token_id].clone()
+
+
+def load_bases(folder: Path) -> tuple[nn.Module, nn.Module, Any]:
+    """(anchor, augment, tokenizer) saved by :func:`load_or_train_bases` in ``folder``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    anchor = AutoModelForCausalLM.from_pretrained(folder / "anchor").eval()
+    augment = AutoModelForCausalLM.from_pretrained(folder / "augment").eval()
+    return anchor, augment, tokenizer
+
+
 def load_or_train_bases(config: KVPipelineConfig, repo: KVRepository, cache_dir: Path,
                         log: Optional[Callable[[str], None]] = None) -> tuple[nn.Module, nn.Module, Any, dict]:
     """The tokenizer, anchor and augment from ``cache_dir/<fingerprint>``, trained and saved there when missing.
@@ -167,18 +193,15 @@ def load_or_train_bases(config: KVPipelineConfig, repo: KVRepository, cache_dir:
     Returns:
         (anchor, augment, tokenizer, info) with info = {"cached": bool, "anchor_seconds", "augment_seconds"}.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder = cache_dir / config.base_fingerprint()
     done = folder / "done.json"
     if done.exists():
         info = json.loads(done.read_text())
-        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
-        anchor = AutoModelForCausalLM.from_pretrained(folder / "anchor").eval()
-        augment = AutoModelForCausalLM.from_pretrained(folder / "augment").eval()
-        return anchor, augment, tokenizer, {**info, "cached": True}
+        return (*load_bases(folder), {**info, "cached": True})
     tokenizer = build_tokenizer(repo)
     anchor = new_base(config, len(tokenizer), "anchor")
+    if config.anchor_unknown_keys:
+        unknown_keys(anchor, tokenizer, repo)
     augment = new_base(config, len(tokenizer), "augment")
     say = (lambda m: log(f"[anchor] {m}")) if log else None
     anchor_s = train_lm(anchor, anchor_data(repo), tokenizer, config.anchor_steps, config.anchor_lr, config, config.seed + 11, say)
@@ -204,6 +227,95 @@ def lora_rank_for(model: nn.Module, budget: int) -> int:
 
 # ----------------------------------------------------------------------------- the experiment
 
+# The rows trained on D_C, longest first (each is one job; with two workers CALM and its control run side by side).
+TRAINED_ROWS = ("CALM", "CALM (random m_A)", "LoRA on m_B", "m_B fine-tuned on D_C")
+
+
+def _plain(model: nn.Module, tokenizer: Any) -> Callable:
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    return lambda ids, mask, n: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
+                                               do_sample=False, eos_token_id=eos, pad_token_id=pad)
+
+
+def _composed(model: ComposedModel, tokenizer: Any) -> Callable:
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    return lambda ids, mask, n: model.generate(ids, mask, max_new_tokens=n, eos_token_id=eos, pad_token_id=pad)
+
+
+def score_all(generate: Callable, evals: dict[str, list[Example]], tokenizer: Any) -> dict[str, float]:
+    """Exact match (percent, one decimal) of ``generate`` on each dataset."""
+    return {d: round(exact_match(generate, evals[d], tokenizer), 1) for d in DATASETS}
+
+
+def composition_config(config: KVPipelineConfig) -> CompositionConfig:
+    """The CALM connections of the experiment."""
+    return CompositionConfig(connections=config.connections, rotary=config.rotary, num_heads=config.compose_heads)
+
+
+def train_row(name: str, config: KVPipelineConfig, bases_dir: str, progress: bool = False) -> dict[str, Any]:
+    """Train one row of :data:`TRAINED_ROWS` on D_C from the cached bases and score it.
+
+    Self-contained (a worker process runs it): loads the bases from ``bases_dir``, seeds itself, so a row's
+    result does not depend on which process runs it or in which order.
+
+    Returns:
+        {"row": {dataset: accuracy, "trainable_params", ...}, "seconds": {"train NAME", "eval NAME"}}.
+    """
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    anchor, augment, tokenizer = load_bases(Path(bases_dir))
+    repo = KVRepository(config.task)
+    log = (lambda m: print(f"[{name}] {m}", flush=True)) if progress else None
+    d_c = batches(composition_data(repo, config.num_math_mix), tokenizer, config.batch_size, config.seed + 13)
+    extra: dict[str, Any] = {}
+    if name in ("CALM", "CALM (random m_A)"):
+        if name != "CALM":  # the ablation: an augment of the same shape that never learned the keys
+            augment = new_base(config, len(tokenizer), "augment", seed_offset=500)
+        torch.manual_seed(config.seed)
+        model = ComposedModel(anchor, augment, composition_config(config)).train()
+        trainable = model.composition_parameters()
+        seconds = train_loop(trainable, lambda b: model(**b).loss, d_c, config.compose_steps, config.compose_lr, log)
+        generate = _composed(model.eval(), tokenizer)
+    elif name == "LoRA on m_B":
+        from peft import LoraConfig, get_peft_model
+
+        budget = sum(p.numel() for p in ComposedModel(anchor, augment, composition_config(config)).composition_parameters())
+        rank = lora_rank_for(anchor, budget)
+        torch.manual_seed(config.seed)
+        model = get_peft_model(anchor, LoraConfig(
+            r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        model.train()
+        seconds = train_loop(trainable, lambda b: model(**b).loss, d_c, config.baseline_steps or config.compose_steps,
+                             config.lora_lr, log)
+        generate = _plain(model.eval(), tokenizer)
+        extra["lora_rank"] = rank
+    elif name == "m_B fine-tuned on D_C":
+        model = anchor.train().requires_grad_(True)
+        trainable = list(model.parameters())
+        seconds = train_loop(trainable, lambda b: model(**b).loss, d_c, config.baseline_steps or config.compose_steps,
+                             config.finetune_lr, log)
+        generate = _plain(model.eval(), tokenizer)
+    else:
+        raise ValueError(f"Unknown row {name!r}; expected one of {TRAINED_ROWS}")
+    start = time.time()
+    row = {**score_all(generate, evaluation_sets(repo), tokenizer), "trainable_params": sum(p.numel() for p in trainable), **extra}
+    if log:
+        log(", ".join(f"{d} {row[d]}%" for d in DATASETS))
+    return {"row": row, "seconds": {f"train {name}": round(seconds, 1), f"eval {name}": round(time.time() - start, 1)}}
+
+
+def _train_row_job(job: tuple) -> dict[str, Any]:
+    return train_row(*job)
+
+
+def workers_for(config: KVPipelineConfig) -> int:
+    """Processes that train the D_C rows side by side: ``config.workers``, or as many as the cores allow."""
+    if config.workers:
+        return config.workers
+    return max(1, min(len(TRAINED_ROWS), (os.cpu_count() or 1) // max(1, config.threads)))
+
 
 def run_experiment(config: KVPipelineConfig, cache_dir: Path, log: Optional[Callable[[str], None]] = None) -> dict:
     """Train (or load) the bases, train CALM and the baselines on D_C, score every row on every dataset.
@@ -221,76 +333,37 @@ def run_experiment(config: KVPipelineConfig, cache_dir: Path, log: Optional[Call
     repo = KVRepository(config.task)
     anchor, augment, tokenizer, base_info = load_or_train_bases(config, repo, Path(cache_dir), log)
     evals = evaluation_sets(repo)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    rows: dict[str, dict[str, Any]] = {}
     seconds: dict[str, float] = {"bases": round(time.time() - start, 1)}
-
-    def score(name: str, generate: Callable) -> None:
+    rows: dict[str, dict[str, Any]] = {}
+    for name, model in (("m_A", augment), ("m_B", anchor)):
         t = time.time()
-        rows.setdefault(name, {}).update({d: round(exact_match(generate, evals[d], tokenizer), 1) for d in DATASETS})
+        rows[name] = score_all(_plain(model, tokenizer), evals, tokenizer)
         seconds[f"eval {name}"] = round(time.time() - t, 1)
         if log:
             log(f"{name}: " + ", ".join(f"{d} {rows[name][d]}%" for d in DATASETS))
+    jobs = [(name, config, str(Path(cache_dir) / config.base_fingerprint()), log is not None) for name in TRAINED_ROWS]
+    workers = workers_for(config)
+    t = time.time()
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
-    def plain(model: nn.Module) -> Callable:
-        return lambda ids, mask, n: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
-                                                   do_sample=False, eos_token_id=eos, pad_token_id=pad)
-
-    def composed(model: ComposedModel) -> Callable:
-        return lambda ids, mask, n: model.generate(ids, mask, max_new_tokens=n, eos_token_id=eos, pad_token_id=pad)
-
-    score("m_A", plain(augment))
-    score("m_B", plain(anchor))
-    d_c = composition_data(repo, config.num_math_mix)
-    comp_config = CompositionConfig(connections=config.connections, rotary=config.rotary, num_heads=config.compose_heads)
-
-    def compose(name: str, aug: nn.Module) -> int:
-        torch.manual_seed(config.seed)
-        model = ComposedModel(anchor, aug, comp_config)
-        model.train()
-        say = (lambda m: log(f"[{name}] {m}")) if log else None
-        seconds[f"train {name}"] = round(train_loop(model.composition_parameters(), lambda b: model(**b).loss,
-                                                    batches(d_c, tokenizer, config.batch_size, config.seed + 13),
-                                                    config.compose_steps, config.compose_lr, say), 1)
-        model.eval()
-        score(name, composed(model))
-        return sum(p.numel() for p in model.composition_parameters())
-
-    calm_params = compose("CALM", augment)
-    rows["CALM"]["trainable_params"] = calm_params
-    random_augment = new_base(config, len(tokenizer), "augment", seed_offset=500)
-    rows.setdefault("CALM (random m_A)", {})["trainable_params"] = compose("CALM (random m_A)", random_augment)
-
-    from peft import LoraConfig, get_peft_model
-
-    baseline_steps = config.baseline_steps or config.compose_steps
-    rank = lora_rank_for(anchor, calm_params)
-    lora = get_peft_model(copy.deepcopy(anchor), LoraConfig(
-        r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    trainable = [p for p in lora.parameters() if p.requires_grad]
-    lora.train()
-    say = (lambda m: log(f"[LoRA] {m}")) if log else None
-    seconds["train LoRA on m_B"] = round(train_loop(trainable, lambda b: lora(**b).loss,
-                                                    batches(d_c, tokenizer, config.batch_size, config.seed + 13),
-                                                    baseline_steps, config.lora_lr, say), 1)
-    lora.eval()
-    score("LoRA on m_B", plain(lora))
-    rows["LoRA on m_B"].update(trainable_params=sum(p.numel() for p in trainable), lora_rank=rank)
-
-    tuned = copy.deepcopy(anchor)
-    say = (lambda m: log(f"[fine-tune] {m}")) if log else None
-    seconds["train m_B fine-tuned"] = round(train_lm(tuned, d_c, tokenizer, baseline_steps, config.finetune_lr,
-                                                     config, config.seed + 13, say), 1)
-    tuned.requires_grad_(False)
-    score("m_B fine-tuned on D_C", plain(tuned))
-    rows["m_B fine-tuned on D_C"]["trainable_params"] = sum(p.numel() for p in tuned.parameters())
+        # spawn, not fork: a forked child of a process that already ran torch ops can deadlock in OpenMP
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = list(pool.map(_train_row_job, jobs))
+    else:
+        done = [_train_row_job(job) for job in jobs]
+    for name, out in zip(TRAINED_ROWS, done):
+        rows[name] = out["row"]
+        seconds.update(out["seconds"])
+    seconds["D_C rows (wall)"] = round(time.time() - t, 1)
     seconds["total"] = round(time.time() - start, 1)
     return {
         "config": config.to_dict(),
         "held_in_keys": len(repo.held_in),
         "held_out_keys": len(repo.held_out),
         "eval_expressions": len(evals["KV-MATH"]),
+        "workers": workers,
         "bases": {k: v for k, v in base_info.items() if k != "config"},
         "rows": rows,
         "seconds": seconds,
