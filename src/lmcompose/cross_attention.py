@@ -103,12 +103,33 @@ class CrossAttention(nn.Module):
         Returns:
             keys and values, each (b, h, s, d), in this module's dtype.
         """
-        x = augment_hidden.to(self.proj.weight.dtype)
-        x = self.proj(self.augment_norm(x))  # (b, s, D_B)
-        k, v = self._heads(self.key(x)), self._heads(self.value(x))  # (b, h, s, d)
+        x = self.augment_norm(augment_hidden.to(self.proj.weight.dtype))  # (b, s, D_A)
+        if torch.is_grad_enabled() and self._folding_is_cheaper(x.shape[0] * x.shape[1]):
+            k, v = self._folded_key_value(x)
+        else:
+            x = self.proj(x)  # (b, s, D_B)
+            k, v = self.key(x), self.value(x)
+        k, v = self._heads(k), self._heads(v)  # (b, h, s, d)
         if self.rotary:
             k = apply_rotary(k, _require(positions, "key positions"))
         return k, v
+
+    def _folding_is_cheaper(self, tokens: int) -> bool:
+        """Whether W^K f_proj and W^V f_proj as two (D_B, D_A) products cost fewer multiply-adds for ``tokens``
+        augment tokens than f_proj then W^K and W^V: tokens (2 D_B - D_A) > 2 D_B D_A (the products themselves
+        cost 2 D_B^2 D_A once). True for training batches, false for a token at a time in generation."""
+        d_b, d_a = self.proj.out_features, self.proj.in_features
+        return tokens * (2 * d_b - d_a) > 2 * d_b * d_a
+
+    def _folded_key_value(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of normalised augment states ``x`` (b, s, D_A) through the folded maps
+        W^{K,V} (W^P x + b) = (W^{K,V} W^P) x + W^{K,V} b: the same function and gradients as the unfolded path
+        (up to rounding), with fewer FLOPs and no (b, s, D_B) f_proj output kept for the backward pass."""
+        kv_weight = torch.cat([self.key.weight, self.value.weight]) @ self.proj.weight  # (2 D_B, D_A)
+        kv_bias = None
+        if self.proj.bias is not None:
+            kv_bias = torch.cat([self.key.weight, self.value.weight]) @ self.proj.bias  # (2 D_B,)
+        return F.linear(x, kv_weight, kv_bias).chunk(2, dim=-1)  # (b, s, D_B) each
 
     def forward(
         self,

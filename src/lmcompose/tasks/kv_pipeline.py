@@ -58,9 +58,10 @@ class KVPipelineConfig:
     # 5-minute budget with cached bases (two processes, ~0.115 s per step each on a 2-core CPU). Accuracy still rises
     # with more steps (held-out 48.6% at 1500, 2500 steps gave +5-8 points in earlier runs; LOG.md runs 22, 26c).
     compose_steps: int = 1500
-    # steps of LoRA and full fine-tuning on D_C; None: compose_steps. Quick: 1000: both fit D_C completely by then
-    # (training loss 0.045 and 0.013 at step 1000 in the first full run) and, having no access to the held-out keys'
-    # values, stayed at m_B's guessing floor after 1500 (6.6%, 8.4%); saves ~3 minutes.
+    # steps of LoRA and full fine-tuning on D_C; None: compose_steps. Quick: 1000. Fine-tuning fits D_C by then
+    # (loss 0.008: it learns the held-in keys through their embedding rows); LoRA, which leaves the embeddings
+    # alone, cannot tell keys apart (they are all <unk> to the anchor) and plateaus at loss ~0.8. Neither can reach
+    # a held-out key's value, and with distinct key rows both stayed at m_B's floor after 1500 steps (6.6%, 8.4%).
     baseline_steps: Optional[int] = 1000
     compose_lr: float = 3e-3  # 6e-3 with 15% NUM-MATH collapsed NUM-MATH to 20% and fitted slower (LOG.md run 20)
     # fraction of NUM-MATH examples mixed into D_C; KV-MATH alone at lr >= 1e-3 erases the anchor's arithmetic
@@ -263,6 +264,9 @@ def train_row(name: str, config: KVPipelineConfig, bases_dir: str, progress: boo
     """
     if config.threads:
         torch.set_num_threads(config.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the rows' own progress lines are what the user follows
     anchor, augment, tokenizer = load_bases(Path(bases_dir))
     repo = KVRepository(config.task)
     log = (lambda m: print(f"[{name}] {m}", flush=True)) if progress else None
