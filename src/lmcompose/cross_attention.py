@@ -125,11 +125,12 @@ class CrossAttention(nn.Module):
         """Keys and values of normalised augment states ``x`` (b, s, D_A) through the folded maps
         W^{K,V} (W^P x + b) = (W^{K,V} W^P) x + W^{K,V} b: the same function and gradients as the unfolded path
         (up to rounding), with fewer FLOPs and no (b, s, D_B) f_proj output kept for the backward pass."""
-        kv_weight = torch.cat([self.key.weight, self.value.weight]) @ self.proj.weight  # (2 D_B, D_A)
-        kv_bias = None
-        if self.proj.bias is not None:
-            kv_bias = torch.cat([self.key.weight, self.value.weight]) @ self.proj.bias  # (2 D_B,)
-        return F.linear(x, kv_weight, kv_bias).chunk(2, dim=-1)  # (b, s, D_B) each
+        bias = self.proj.bias
+
+        def folded(w: torch.Tensor) -> torch.Tensor:  # two products, not one split: keys and values stay contiguous
+            return F.linear(x, w @ self.proj.weight, None if bias is None else w @ bias)  # (b, s, D_B)
+
+        return folded(self.key.weight), folded(self.value.weight)
 
     def forward(
         self,
