@@ -233,3 +233,29 @@ def test_folded_key_value_projection_gives_the_same_keys_values_and_gradients(bi
         monkeypatch.undo()
         k_n, _ = conn.project(augment_hidden, positions)
     assert torch.equal(k_n, k_u)
+
+
+def test_query_recomputed_in_backward_gives_the_same_gradients_and_keeps_less(monkeypatch):
+    from torch.autograd.graph import saved_tensors_hooks
+
+    from lmcompose.cross_attention import CrossAttention
+
+    torch.manual_seed(0)
+    conn = CrossAttention(augment_dim=32, anchor_dim=48, num_heads=6)
+    torch.nn.init.normal_(conn.out.weight, std=0.1)
+    augment_hidden = torch.randn(4, 40, 32)
+    results = []
+    for recompute in (True, False):
+        if not recompute:
+            monkeypatch.setattr(CrossAttention, "_query", CrossAttention._plain_query)
+        conn.zero_grad()
+        anchor_hidden = torch.randn(4, 40, 48, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        saved = []
+        with saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            out = conn(anchor_hidden, *conn.project(augment_hidden))
+        out.square().sum().backward()
+        results.append((out.detach(), anchor_hidden.grad, {n: p.grad.clone() for n, p in conn.named_parameters()}, sum(saved)))
+    (out_r, dx_r, g_r, saved_r), (out_p, dx_p, g_p, saved_p) = results
+    assert torch.equal(out_r, out_p)
+    assert torch.allclose(dx_r, dx_p, atol=1e-6) and all(torch.allclose(g_r[n], g_p[n], atol=1e-6) for n in g_p)
+    assert saved_p - saved_r >= 4 * 40 * 48  # the normalised anchor states are not kept

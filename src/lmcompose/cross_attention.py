@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -132,6 +133,17 @@ class CrossAttention(nn.Module):
 
         return folded(self.key.weight), folded(self.value.weight)
 
+    def _query(self, anchor_hidden: torch.Tensor) -> torch.Tensor:
+        """W^Q of the normalised anchor states, (b, t, D_B). With a gradient to compute, the normalised states are
+        recomputed in the backward pass instead of kept: the anchor states themselves are kept either way (the
+        norm's backward needs them), so this saves a (b, t, D_B) tensor per connection for one D_B x D_B matmul."""
+        if torch.is_grad_enabled() and (anchor_hidden.requires_grad or self.query.weight.requires_grad):
+            return torch.utils.checkpoint.checkpoint(self._plain_query, anchor_hidden, use_reentrant=False)
+        return self._plain_query(anchor_hidden)
+
+    def _plain_query(self, anchor_hidden: torch.Tensor) -> torch.Tensor:
+        return self.query(self.anchor_norm(anchor_hidden))
+
     def forward(
         self,
         anchor_hidden: torch.Tensor,
@@ -151,7 +163,7 @@ class CrossAttention(nn.Module):
             (b, t, D_B) delta, to be added to ``anchor_hidden``.
         """
         b, t, dim = anchor_hidden.shape
-        q = self._heads(self.query(self.anchor_norm(anchor_hidden)))  # (b, h, t, d)
+        q = self._heads(self._query(anchor_hidden))  # (b, h, t, d)
         if self.rotary:
             q = apply_rotary(q, _require(positions, "query positions"))
         if mask is None:

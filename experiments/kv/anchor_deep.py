@@ -1,0 +1,44 @@
+"""Exploration (run 40+): an anchor with more blocks, trained on NUM-MATH with more operands than the task uses.
+
+Question: does CALM answer three-operand KV-MATH when three operands are not at the edge of what the anchor does?
+Usage: python anchor_deep.py --layers 6 --max-ops 4 --steps 2500 --out cache/anchor_deep
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+
+from common import encode, exact_match
+from lmcompose.tasks.kv import KVRepository, build_tokenizer
+from lmcompose.tasks.kv_pipeline import KVPipelineConfig, anchor_data, new_base, train_lm, unknown_keys
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--max-ops", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=2500)
+    ap.add_argument("--out", default="cache/anchor_deep")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    config = KVPipelineConfig(anchor_layers=args.layers, anchor_steps=args.steps)
+    repo = KVRepository(config.task)  # the task (keys, evaluation) is the quick one
+    wide = KVRepository(dataclasses.replace(config.task, max_operands=args.max_ops))  # anchor training data
+    tok = build_tokenizer(repo)
+    anchor = new_base(config, len(tok), "anchor")
+    unknown_keys(anchor, tok, repo)
+    s = train_lm(anchor, anchor_data(wide), tok, args.steps, config.anchor_lr, config, config.seed + 11, print)
+    anchor.save_pretrained(args.out)
+    vocab, bos, eos, pad = tok.get_vocab(), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    ev = repo.evaluation_expressions()
+    num = [encode(vocab, repo.num_math(e), bos, eos) for e in ev]
+    kv = [encode(vocab, repo.kv_math(e), bos, eos) for e in ev]
+    print(f"RESULT anchor_deep {vars(args)} NUM-MATH {exact_match(anchor, num, pad):.1f}% "
+          f"KV-MATH {exact_match(anchor, kv, pad):.1f}% in {s:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
