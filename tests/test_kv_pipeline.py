@@ -71,3 +71,14 @@ def test_lora_rank_matches_the_budget_and_presets_differ():
     assert paper_config().task.num_keys == 25_000 and quick_config().task.num_keys < 1000
     assert quick_config().base_fingerprint() != paper_config().base_fingerprint()
     assert quick_config().base_fingerprint() == quick_config().base_fingerprint()
+
+
+def test_worker_count_follows_cores_and_threads(monkeypatch):
+    from lmcompose.tasks.kv_pipeline import workers_for
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert workers_for(KVPipelineConfig(threads=1)) == 4  # one per D_C row at most
+    assert workers_for(KVPipelineConfig(threads=4)) == 2
+    assert workers_for(KVPipelineConfig(threads=0)) == 1  # one process already uses every core
+    assert workers_for(KVPipelineConfig(threads=0, workers=3)) == 3
+    assert workers_for(paper_config()) == 1

@@ -70,6 +70,7 @@ class KVPipelineConfig:
     finetune_lr: float = 3e-4  # full fine-tuning of m_B on D_C
     threads: int = 1  # torch threads per process (tiny models: one thread per core is fastest)
     # processes training the four D_C rows side by side (each with ``threads`` threads); 0: cores // threads
+    # (one process when threads is 0)
     workers: int = 0
     seed: int = 0  # seed of model initialisation and data streams (the task has its own seed)
 
@@ -264,9 +265,6 @@ def train_row(name: str, config: KVPipelineConfig, bases_dir: str, progress: boo
     """
     if config.threads:
         torch.set_num_threads(config.threads)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # the rows' own progress lines are what the user follows
     anchor, augment, tokenizer = load_bases(Path(bases_dir))
     repo = KVRepository(config.task)
     log = (lambda m: print(f"[{name}] {m}", flush=True)) if progress else None
@@ -283,8 +281,8 @@ def train_row(name: str, config: KVPipelineConfig, bases_dir: str, progress: boo
     elif name == "LoRA on m_B":
         from peft import LoraConfig, get_peft_model
 
-        budget = sum(p.numel() for p in ComposedModel(anchor, augment, composition_config(config)).composition_parameters())
-        rank = lora_rank_for(anchor, budget)
+        calm = ComposedModel(anchor, augment, composition_config(config))
+        rank = lora_rank_for(anchor, sum(p.numel() for p in calm.composition_parameters()))
         torch.manual_seed(config.seed)
         model = get_peft_model(anchor, LoraConfig(
             r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
@@ -296,11 +294,10 @@ def train_row(name: str, config: KVPipelineConfig, bases_dir: str, progress: boo
         generate = _plain(model.eval(), tokenizer)
         extra["lora_rank"] = rank
     elif name == "m_B fine-tuned on D_C":
-        model = anchor.train().requires_grad_(True)
-        trainable = list(model.parameters())
-        seconds = train_loop(trainable, lambda b: model(**b).loss, d_c, config.baseline_steps or config.compose_steps,
-                             config.finetune_lr, log)
-        generate = _plain(model.eval(), tokenizer)
+        seconds = train_lm(anchor, composition_data(repo, config.num_math_mix), tokenizer,
+                           config.baseline_steps or config.compose_steps, config.finetune_lr, config, config.seed + 13, log)
+        trainable = list(anchor.parameters())
+        generate = _plain(anchor, tokenizer)
     else:
         raise ValueError(f"Unknown row {name!r}; expected one of {TRAINED_ROWS}")
     start = time.time()
@@ -314,11 +311,20 @@ def _train_row_job(job: tuple) -> dict[str, Any]:
     return train_row(*job)
 
 
+def _quiet_worker() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # in a worker the rows' own progress lines are what the user follows
+
+
 def workers_for(config: KVPipelineConfig) -> int:
-    """Processes that train the D_C rows side by side: ``config.workers``, or as many as the cores allow."""
+    """Processes that train the D_C rows side by side: ``config.workers``, else cores // threads (one process
+    when ``threads`` is 0, i.e. every core for one process)."""
     if config.workers:
         return config.workers
-    return max(1, min(len(TRAINED_ROWS), (os.cpu_count() or 1) // max(1, config.threads)))
+    if not config.threads:
+        return 1
+    return max(1, min(len(TRAINED_ROWS), (os.cpu_count() or 1) // config.threads))
 
 
 def run_experiment(config: KVPipelineConfig, cache_dir: Path, log: Optional[Callable[[str], None]] = None) -> dict:
@@ -353,7 +359,7 @@ def run_experiment(config: KVPipelineConfig, cache_dir: Path, log: Optional[Call
         from concurrent.futures import ProcessPoolExecutor
 
         # spawn, not fork: a forked child of a process that already ran torch ops can deadlock in OpenMP
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_quiet_worker) as pool:
             done = list(pool.map(_train_row_job, jobs))
     else:
         done = [_train_row_job(job) for job in jobs]
