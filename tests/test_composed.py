@@ -259,3 +259,36 @@ def test_query_recomputed_in_backward_gives_the_same_gradients_and_keeps_less(mo
     assert torch.equal(out_r, out_p)
     assert torch.allclose(dx_r, dx_p, atol=1e-6) and all(torch.allclose(g_r[n], g_p[n], atol=1e-6) for n in g_p)
     assert saved_p - saved_r >= 4 * 40 * 48  # the normalised anchor states are not kept
+
+
+@pytest.mark.parametrize("anchor_family", ["llama", "gpt2", "gpt_neox", "opt"])
+def test_embedding_connection_starts_as_the_anchor_and_leaks_no_future_token(anchor_family):
+    anchor, _, model = pair(anchor_family, connections=[(3, -1), (7, 2)])
+    ids = torch.randint(3, 128, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, anchor(ids).logits)  # the update is zero at init
+        randomize_composition(model)
+        base = model(ids).logits
+        changed = ids.clone()
+        changed[:, 6] = (changed[:, 6] + 7) % 125 + 3
+        logits = model(changed).logits
+    assert (logits[:, :6] - base[:, :6]).abs().max() < 1e-5
+    assert (logits[:, 6:] - base[:, 6:]).abs().max() > 1e-4
+
+
+def test_embedding_connection_adds_its_update_to_the_first_blocks_input():
+    anchor, _, model = pair(connections=[(3, -1)])  # llama: the first block's input is the token embeddings
+    randomize_composition(model)
+    ids = torch.randint(3, 128, (2, 10))
+    with torch.no_grad():
+        (keys, values), = model.project(0, model.augment_hidden(0, ids))
+        embeddings = anchor.get_input_embeddings()(ids)  # (b, t, D_B)
+        delta = model.connections[0][0](embeddings, keys, values)  # causal: position t reads augment 0..t
+        expected = anchor(inputs_embeds=embeddings + delta).logits
+        assert delta.abs().max() > 1e-3
+        assert torch.allclose(model(ids).logits, expected, atol=1e-5)
+
+
+def test_anchor_layers_below_the_embeddings_are_refused():
+    with pytest.raises(ValueError, match=r"anchor layer -2 is out of range; valid anchor layers are 0\.\.3, or -1 for the embeddings"):
+        pair(connections=[(0, -2)])

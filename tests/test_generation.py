@@ -26,7 +26,8 @@ def left_pad(prompts, pad_id=2):
 @pytest.mark.parametrize(
     "anchor_family,augment_family,config",
     [("llama", "llama", {}), ("gpt2", "qwen2", {}), ("gpt_neox", "phi", {}), ("falcon", "opt", {}),
-     ("llama", "gpt2", {"rotary": True, "connections": [(0, 0), (5, 2), (7, 3)]})],
+     ("llama", "gpt2", {"rotary": True, "connections": [(0, 0), (5, 2), (7, 3)]}),
+     ("gpt2", "llama", {"connections": [(3, -1), (7, 1)]}), ("llama", "llama", {"rotary": True, "connections": [(7, -1)]})],
 )
 def test_cached_greedy_equals_full_recompute_for_64_tokens(anchor_family, augment_family, config):
     model = composed(anchor_family, augment_family, **config)

@@ -13,7 +13,7 @@ def tiny_config(workers: int = 2) -> KVPipelineConfig:
         task=KVTaskConfig(num_keys=30, value_max=3, min_operands=2, max_operands=2, num_eval=20),
         anchor_layers=2, anchor_hidden=32, anchor_heads=2, anchor_steps=30,
         augment_layers=1, augment_hidden=32, augment_heads=2, augment_steps=30,
-        batch_size=16, connections=[[0, 0], [0, 1]], compose_steps=15, baseline_steps=10, compose_heads=4, threads=1,
+        batch_size=16, connections=[[0, -1], [0, 1]], compose_steps=15, baseline_steps=10, compose_heads=4, threads=1,
         workers=workers,
     )
 
@@ -82,3 +82,19 @@ def test_worker_count_follows_cores_and_threads(monkeypatch):
     assert workers_for(KVPipelineConfig(threads=0)) == 1  # one process already uses every core
     assert workers_for(KVPipelineConfig(threads=0, workers=3)) == 3
     assert workers_for(paper_config()) == 1
+
+
+def test_embedding_noise_only_while_training_and_gone_once_removed():
+    from lmcompose.models import tiny_causal_lm
+    from lmcompose.tasks.kv_pipeline import embedding_noise
+
+    model = tiny_causal_lm("llama", vocab_size=50, hidden_size=32, num_layers=2, num_heads=2)
+    ids = torch.randint(0, 50, (2, 6))
+    with torch.no_grad():
+        clean = model(ids).logits
+        handle = embedding_noise(model, 0.5, seed=0)
+        assert torch.equal(model.eval()(ids).logits, clean)
+        noisy = model.train()(ids).logits
+        assert (noisy - clean).abs().max() > 1e-3
+        handle.remove()
+        assert torch.equal(model.eval()(ids).logits, clean)

@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-connections", type=_positive, metavar="N",
                    help="N evenly spaced connections (default: one per 4 augment layers, as in the paper)")
     g.add_argument("--connections", type=_connections, metavar="A:B,...",
-                   help="explicit connections AUGMENT_LAYER:ANCHOR_LAYER, 0-indexed, e.g. 3:1,7:5")
+                   help="explicit connections AUGMENT_LAYER:ANCHOR_LAYER, 0-indexed, e.g. 3:1,7:5; "
+                   "anchor layer -1 is the anchor's embeddings")
     t.add_argument("--num-heads", type=_positive, metavar="N", help="cross-attention heads (default: the anchor's)")
     t.add_argument("--lr", type=_positive_float, help=f"peak learning rate (default: {d['lr']})")
     t.add_argument("--batch-size", type=_positive, metavar="N", help=f"examples per micro-batch (default: {d['batch_size']})")

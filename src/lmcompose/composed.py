@@ -11,7 +11,7 @@ from torch import nn
 
 from . import introspect
 from .alignment import require_fast
-from .config import CompositionConfig, resolve_connections
+from .config import EMBEDDINGS, CompositionConfig, resolve_connections
 from .cross_attention import CrossAttention
 from .masking import cross_mask, positions_from_mask, same_position_limit
 
@@ -274,7 +274,8 @@ class ComposedModel(nn.Module):
         masks: Sequence[Optional[torch.Tensor]],
         positions: Optional[torch.Tensor] = None,
     ) -> Iterator[None]:
-        """While active, each connected anchor block adds its cross-attention update to its output.
+        """While active, each connected anchor block adds its cross-attention update to its output (connections
+        at anchor layer -1 add theirs to the first block's input: the embeddings as that block receives them).
 
         Args:
             key_values: per augment, the (keys, values) of each connection.
@@ -287,23 +288,37 @@ class ComposedModel(nn.Module):
                 keys, values = key_values[a][c]
                 by_layer.setdefault(j, []).append((self.connections[a][c], keys, values, masks[a]))
 
-        def update(entries: list):
+        def updated(hidden: torch.Tensor, entries: list) -> torch.Tensor:  # (b, t, D_B) -> the same plus every update
+            delta = None
+            for connection, keys, values, mask in entries:
+                d = self._maybe_recompute(connection, hidden, keys, values, mask, positions)
+                delta = d if delta is None else delta + d
+            return hidden + delta.to(hidden.dtype)
+
+        def after_block(entries: list):
             def hook(module: nn.Module, args: Any, output: Any) -> Any:
-                hidden = output[0] if isinstance(output, (tuple, list)) else output  # (b, t, D_B)
-                delta = None
-                for connection, keys, values, mask in entries:
-                    d = self._maybe_recompute(connection, hidden, keys, values, mask, positions)
-                    delta = d if delta is None else delta + d
-                hidden = hidden + delta.to(hidden.dtype)
                 if isinstance(output, (tuple, list)):
-                    return type(output)((hidden, *output[1:]))
-                return hidden
+                    return type(output)((updated(output[0], entries), *output[1:]))
+                return updated(output, entries)
+
+            return hook
+
+        def before_first_block(entries: list):  # anchor layer -1: the embeddings, as the first block receives them
+            def hook(module: nn.Module, args: Any, kwargs: dict) -> Any:
+                if args:
+                    return (updated(args[0], entries), *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": updated(kwargs["hidden_states"], entries)}
 
             return hook
 
         if positions is None and self.composition_config.rotary:
             raise ValueError("rotary connections need the anchor's query positions")
-        handles = [self._anchor_blocks[j].register_forward_hook(update(e)) for j, e in by_layer.items()]
+        handles = [
+            self._anchor_blocks[0].register_forward_pre_hook(before_first_block(e), with_kwargs=True)
+            if j == EMBEDDINGS
+            else self._anchor_blocks[j].register_forward_hook(after_block(e))
+            for j, e in by_layer.items()
+        ]
         try:
             yield
         finally:

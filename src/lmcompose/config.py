@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
 Connection = tuple[int, int]  # (augment_layer, anchor_layer), 0-indexed decoder blocks
+# anchor layer -1: the anchor's embeddings, i.e. the input of its first block (the output of "block -1")
+EMBEDDINGS = -1
 
 
 @dataclass
@@ -18,7 +20,9 @@ class CompositionConfig:
 
     # n: evenly spaced layers in each model; None -> max(1, N_augment // 4) (paper: every 4th augment layer)
     num_connections: Optional[int] = None
-    # explicit [(augment_layer, anchor_layer), ...]; with several augments, one such list per augment
+    # explicit [(augment_layer, anchor_layer), ...]; with several augments, one such list per augment.
+    # Layer i is the output of decoder block i; anchor layer -1 is the anchor's embeddings (the input of its
+    # first block: an update there is read by every block, before any block has mixed positions)
     connections: Optional[list] = None
     # cross-attention heads; None -> the anchor's number of attention heads (paper)
     num_heads: Optional[int] = None
@@ -156,10 +160,10 @@ def resolve_connections(
                     f"Connection ({i}, {j}) of augment {a}: augment layer {i} is out of range; "
                     f"valid augment layers are 0..{n_aug - 1}"
                 )
-            if not 0 <= j < anchor_layers:
+            if not EMBEDDINGS <= j < anchor_layers:
                 raise ValueError(
                     f"Connection ({i}, {j}) of augment {a}: anchor layer {j} is out of range; "
-                    f"valid anchor layers are 0..{anchor_layers - 1}"
+                    f"valid anchor layers are 0..{anchor_layers - 1}, or {EMBEDDINGS} for the embeddings"
                 )
             if (i, j) in seen:
                 raise ValueError(f"Connection ({i}, {j}) of augment {a} is given twice")
