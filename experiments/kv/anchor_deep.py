@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from common import encode, exact_match
+from common import anchor_scores
 from lmcompose.tasks.kv import KVRepository, build_tokenizer
 from lmcompose.tasks.kv_pipeline import KVPipelineConfig, anchor_data, new_base, train_lm, unknown_keys
 
@@ -41,12 +41,7 @@ def main() -> None:
     if args.noise:
         handle.remove()
     anchor.save_pretrained(args.out)
-    vocab, bos, eos, pad = tok.get_vocab(), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
-    ev = repo.evaluation_expressions()
-    num = [encode(vocab, repo.num_math(e), bos, eos) for e in ev]
-    kv = [encode(vocab, repo.kv_math(e), bos, eos) for e in ev]
-    print(f"RESULT anchor_deep {vars(args)} NUM-MATH {exact_match(anchor, num, pad):.1f}% "
-          f"KV-MATH {exact_match(anchor, kv, pad):.1f}% in {s:.0f}s")
+    print(f"RESULT anchor_deep {vars(args)} {anchor_scores(anchor, repo, tok)} in {s:.0f}s")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ import random
 
 import torch
 
-from common import encode, exact_match
-from lmcompose.tasks.kv import Example, KVRepository, KVTaskConfig, build_tokenizer, num_math_example
+from common import anchor_scores
+from lmcompose.tasks.kv import Example, KVRepository, build_tokenizer, num_math_example
 from lmcompose.tasks.kv_pipeline import KVPipelineConfig, new_base, train_lm
 
 
@@ -38,12 +38,7 @@ def main() -> None:
     anchor = new_base(config, len(tok), "anchor")
     s = train_lm(anchor, make, tok, args.steps, config.anchor_lr, config, config.seed + 11, print)
     anchor.save_pretrained(args.out)
-    vocab, bos, eos, pad = tok.get_vocab(), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
-    ev = repo.evaluation_expressions()
-    num = [encode(vocab, repo.num_math(e), bos, eos) for e in ev]
-    kv = [encode(vocab, repo.kv_math(e), bos, eos) for e in ev]
-    print(f"RESULT anchor_words {vars(args)} NUM-MATH {exact_match(anchor, num, pad):.1f}% "
-          f"KV-MATH {exact_match(anchor, kv, pad):.1f}% in {s:.0f}s")
+    print(f"RESULT anchor_words {vars(args)} {anchor_scores(anchor, repo, tok)} in {s:.0f}s")
 
 
 if __name__ == "__main__":

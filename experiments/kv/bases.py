@@ -7,12 +7,11 @@ Bases go to cache/pipeline/<fingerprint>/ (the pipeline's own cache layout); the
 from __future__ import annotations
 
 import argparse
-import random
 from pathlib import Path
 
 import torch
 
-from common import encode, exact_match
+from common import anchor_scores, exact_match, held_out_sets
 from lmcompose.tasks.kv import KVRepository, KVTaskConfig
 from lmcompose.tasks.kv_pipeline import KVPipelineConfig, load_or_train_bases
 
@@ -36,13 +35,9 @@ def main() -> None:
     repo = KVRepository(task)
     anchor, augment, tok, info = load_or_train_bases(config, repo, Path("cache/pipeline"), log=print)
     print("folder", Path("cache/pipeline") / config.base_fingerprint(), {k: v for k, v in info.items() if k != "config"})
-    vocab, bos, eos, pad = tok.get_vocab(), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
-    ev = repo.evaluation_expressions()
-    num = [encode(vocab, repo.num_math(e), bos, eos) for e in ev]
-    kv = [encode(vocab, repo.kv_math(e), bos, eos) for e in ev]
-    subs = [encode(vocab, repo.kv_subs(e), bos, eos) for e in ev]
-    print(f"RESULT bases {vars(args)} anchor NUM-MATH {exact_match(anchor, num, pad):.1f}% KV-MATH {exact_match(anchor, kv, pad):.1f}% "
-          f"augment KV-SUBS {exact_match(augment, subs, pad):.1f}% held-in keys {len(repo.held_in)}")
+    subs = held_out_sets(repo, tok)["KV-SUBS"]
+    print(f"RESULT bases {vars(args)} anchor {anchor_scores(anchor, repo, tok)} "
+          f"augment KV-SUBS {exact_match(augment, subs, tok.pad_token_id):.1f}% held-in keys {len(repo.held_in)}")
 
 
 if __name__ == "__main__":

@@ -58,3 +58,17 @@ def stream(make: Callable[[random.Random], Example], vocab, bos, eos, pad, batch
     rng = random.Random(seed)
     while True:
         yield collate([encode(vocab, make(rng), bos, eos) for _ in range(batch)], pad)
+
+
+def held_out_sets(repo, tokenizer) -> dict[str, list]:
+    """Encoded (ids, labels) of the held-out evaluation expressions, per dataset (KV-SUBS, NUM-MATH, KV-MATH)."""
+    vocab, bos, eos = tokenizer.get_vocab(), tokenizer.bos_token_id, tokenizer.eos_token_id
+    ev = repo.evaluation_expressions()
+    return {name: [encode(vocab, make(e), bos, eos) for e in ev]
+            for name, make in (("KV-SUBS", repo.kv_subs), ("NUM-MATH", repo.num_math), ("KV-MATH", repo.kv_math))}
+
+
+def anchor_scores(anchor, repo, tokenizer) -> str:
+    """The anchor's teacher-forced exact match on held-out NUM-MATH and KV-MATH, as one line."""
+    sets, pad = held_out_sets(repo, tokenizer), tokenizer.pad_token_id
+    return f"NUM-MATH {exact_match(anchor, sets['NUM-MATH'], pad):.1f}% KV-MATH {exact_match(anchor, sets['KV-MATH'], pad):.1f}%"

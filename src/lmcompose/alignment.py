@@ -87,11 +87,14 @@ def settled_cut(tokenizer: Any, text: str) -> int:
     Text before that point tokenizes the same whatever follows; the last pre-token may still change.
     A character-level augment tokenizer settles every character: the cut is the end of ``text``.
     """
+    return len(text) if isolates_characters(tokenizer) else _last_pretoken_start(tokenizer, text)
+
+
+def _last_pretoken_start(tokenizer: Any, text: str) -> int:
+    """:func:`settled_cut` for a tokenizer that is not character-level."""
     pre = getattr(getattr(tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
     if pre is None:
         return 0 if not text else _settled_without_pretokenizer(tokenizer, text)
-    if isolates_characters(tokenizer):
-        return len(text)
     pieces = pre.pre_tokenize_str(text)
     return pieces[-1][1][0] if pieces else 0
 
@@ -129,7 +132,7 @@ def settled_limits(
         if trailing:
             limits.append(len(full_ids))
             continue
-        cut = end if every_character else settled_cut(tokenizer, text[:end])
+        cut = end if every_character else _last_pretoken_start(tokenizer, text[:end])
         if cut not in by_cut:
             ids, special = augment_tokens(tokenizer, text[:cut])
             # drop special tokens the tokenizer appends (EOS): they would say the text ends here
