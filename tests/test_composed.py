@@ -208,13 +208,17 @@ def test_errors_at_the_boundary():
         ComposedModel(anchor, tiny_causal_lm("gpt2"), CompositionConfig(num_heads=5))
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_folded_key_value_projection_gives_the_same_keys_values_and_gradients(bias, monkeypatch):
+@pytest.mark.parametrize("bias,norm", [(True, "rms"), (False, "rms"), (True, "layer"), (False, "none")])
+def test_folded_key_value_projection_gives_the_same_keys_values_and_gradients(bias, norm, monkeypatch):
+    from torch.autograd.graph import saved_tensors_hooks
+
     from lmcompose.cross_attention import CrossAttention
 
     torch.manual_seed(0)
-    conn = CrossAttention(augment_dim=32, anchor_dim=48, num_heads=6, rotary=True, proj_bias=bias)
+    conn = CrossAttention(augment_dim=32, anchor_dim=48, num_heads=6, rotary=True, proj_bias=bias, augment_norm=norm)
     torch.nn.init.normal_(conn.out.weight, std=0.1)
+    for p in conn.augment_norm.parameters():  # a norm weight and bias away from 1 and 0
+        torch.nn.init.normal_(p, mean=0.5, std=0.3)
     augment_hidden, anchor_hidden = torch.randn(4, 40, 32), torch.randn(4, 40, 48)
     positions = torch.arange(40)[None].expand(4, -1)
     assert conn._folding_is_cheaper(4 * 40) and not conn._folding_is_cheaper(1)  # training batch vs one new token
@@ -222,13 +226,18 @@ def test_folded_key_value_projection_gives_the_same_keys_values_and_gradients(bi
     for fold in (True, False):
         monkeypatch.setattr(CrossAttention, "_folding_is_cheaper", lambda self, tokens: fold)
         conn.zero_grad()
-        k, v = conn.project(augment_hidden, positions)
+        saved = {}  # distinct tensors autograd keeps, by storage
+        with saved_tensors_hooks(lambda t: saved.setdefault(t.untyped_storage().data_ptr(), t.numel()) and t, lambda t: t):
+            k, v = conn.project(augment_hidden, positions)
         conn(anchor_hidden, k, v, positions=positions).square().sum().backward()
-        results.append((k.detach(), v.detach(), {n: p.grad.clone() for n, p in conn.named_parameters()}))
-    (k_f, v_f, g_f), (k_u, v_u, g_u) = results
+        activations = sum(n for n in saved.values() if n >= 4 * 40 * 32)  # leave out weights and rotary angles
+        results.append((k.detach(), v.detach(), {n: p.grad.clone() for n, p in conn.named_parameters()}, activations))
+    (k_f, v_f, g_f, saved_f), (k_u, v_u, g_u, saved_u) = results
     assert torch.allclose(k_f, k_u, atol=1e-5) and torch.allclose(v_f, v_u, atol=1e-5)
     for name in g_u:
         assert torch.allclose(g_f[name], g_u[name], atol=1e-4, rtol=1e-4), name
+    # the folded path keeps one (b, s, D_A) tensor; the unfolded one also the f_proj output (and the norm's input)
+    assert saved_f == 4 * 40 * 32 and saved_u - saved_f >= 4 * 40 * 48, (saved_f, saved_u)
     with torch.no_grad():  # no gradient wanted (generation, evaluation): the unfolded path, whatever the size
         monkeypatch.undo()
         k_n, _ = conn.project(augment_hidden, positions)

@@ -104,11 +104,11 @@ class CrossAttention(nn.Module):
         Returns:
             keys and values, each (b, h, s, d), in this module's dtype.
         """
-        x = self.augment_norm(augment_hidden.to(self.proj.weight.dtype))  # (b, s, D_A)
+        x = augment_hidden.to(self.proj.weight.dtype)  # (b, s, D_A)
         if torch.is_grad_enabled() and self._folding_is_cheaper(x.shape[0] * x.shape[1]):
             k, v = self._folded_key_value(x)
         else:
-            x = self.proj(x)  # (b, s, D_B)
+            x = self.proj(self.augment_norm(x))  # (b, s, D_B)
             k, v = self.key(x), self.value(x)
         k, v = self._heads(k), self._heads(v)  # (b, h, s, d)
         if self.rotary:
@@ -122,14 +122,27 @@ class CrossAttention(nn.Module):
         d_b, d_a = self.proj.out_features, self.proj.in_features
         return tokens * (2 * d_b - d_a) > 2 * d_b * d_a
 
-    def _folded_key_value(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of normalised augment states ``x`` (b, s, D_A) through the folded maps
-        W^{K,V} (W^P x + b) = (W^{K,V} W^P) x + W^{K,V} b: the same function and gradients as the unfolded path
-        (up to rounding), with fewer FLOPs and no (b, s, D_B) f_proj output kept for the backward pass."""
-        bias = self.proj.bias
+    def _folded_key_value(self, augment_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of augment states (b, s, D_A) through one folded affine map each.
+
+        With the norm written as ``g * n(x) + c`` (``n`` the norm without its own weight ``g`` and bias ``c``):
+        W^{K,V} (W^P (g * n(x) + c) + b) = (W^{K,V} W^P diag(g)) n(x) + W^{K,V} (W^P c + b). The same function and
+        gradients as the unfolded path (up to rounding), with fewer FLOPs; autograd keeps only n(x) (b, s, D_A),
+        not the augment states, the weighted norm output and the (b, s, D_B) f_proj output."""
+        norm, weight, bias = self.augment_norm, self.proj.weight, self.proj.bias  # (D_B, D_A), (D_B,)
+        if isinstance(norm, nn.RMSNorm):
+            x = F.rms_norm(augment_hidden, norm.normalized_shape, None, norm.eps)
+        elif isinstance(norm, nn.LayerNorm):
+            x = F.layer_norm(augment_hidden, norm.normalized_shape, None, None, norm.eps)
+        else:  # no norm
+            x = augment_hidden
+        if getattr(norm, "weight", None) is not None:
+            weight = weight * norm.weight  # W^P diag(g)
+        if getattr(norm, "bias", None) is not None:
+            bias = self.proj.weight @ norm.bias if bias is None else self.proj.weight @ norm.bias + bias
 
         def folded(w: torch.Tensor) -> torch.Tensor:  # two products, not one split: keys and values stay contiguous
-            return F.linear(x, w @ self.proj.weight, None if bias is None else w @ bias)  # (b, s, D_B)
+            return F.linear(x, w @ weight, None if bias is None else w @ bias)  # (b, s, D_B)
 
         return folded(self.key.weight), folded(self.value.weight)
 
