@@ -248,17 +248,19 @@ def test_demo_command_runs_the_pipeline_with_its_options_and_prints_the_table(tm
 
     calls = []
 
-    def fake_demo(output_dir, preset="quick", progress=True):
-        calls.append((output_dir, preset, progress))
+    def fake_demo(output_dir, preset="quick", progress=True, seed=0):
+        calls.append((output_dir, preset, progress, seed))
         (tmp_path / "out" / "results.md").parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "out" / "results.md").write_text("| model | KV-MATH |\n| CALM | 42.0 |\n")
         return {"rows": []}
 
     monkeypatch.setattr(pipeline, "run_demo", fake_demo)
-    assert main(["demo", "--output", str(tmp_path / "out"), "--preset", "paper", "--no-progress"]) == 0
-    assert calls == [(str(tmp_path / "out"), "paper", False)]
+    assert main(["demo", "--output", str(tmp_path / "out"), "--preset", "paper", "--no-progress", "--seed", "3"]) == 0
+    assert main(["demo", "--output", str(tmp_path / "out")]) == 0
+    assert calls == [(str(tmp_path / "out"), "paper", False, 3), (str(tmp_path / "out"), "quick", True, 0)]
     assert "| CALM | 42.0 |" in capsys.readouterr().out
     assert main(["demo", "--preset", "huge"]) == 2
+    assert main(["demo", "--seed", "-1"]) == 2
 
 
 def test_checkpoint_connections_trains_the_same_composition(work, tmp_path):

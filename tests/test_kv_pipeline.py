@@ -98,3 +98,17 @@ def test_embedding_noise_only_while_training_and_gone_once_removed():
         assert (noisy - clean).abs().max() > 1e-3
         handle.remove()
         assert torch.equal(model.eval()(ids).logits, clean)
+
+
+def test_demo_seed_seeds_the_task_and_the_models(tmp_path, monkeypatch):
+    import lmcompose.tasks.kv_pipeline as pipeline
+
+    seen = []
+    monkeypatch.setattr(pipeline, "run_experiment", lambda config, cache_dir, log=None: seen.append(config) or {
+        "rows": {}, "config": config.to_dict(), "seconds": {}, "bases": {}})
+    monkeypatch.setattr("lmcompose.tasks.kv_report.write_report", lambda results, out: None)
+    for preset in ("quick", "paper"):
+        run_demo(str(tmp_path), preset=preset, progress=False, seed=3)
+    run_demo(str(tmp_path), progress=False)
+    assert [(c.seed, c.task.seed) for c in seen] == [(3, 3), (3, 3), (0, 0)]
+    assert seen[1].task.num_keys == paper_config().task.num_keys

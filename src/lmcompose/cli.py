@@ -192,7 +192,7 @@ def run_demo(opts: argparse.Namespace) -> int:
     """``lmcompose demo``: the paper's key-value arithmetic experiment, table printed and written to disk."""
     from .tasks.kv_pipeline import run_demo as demo
 
-    results = demo(opts.output, preset=opts.preset, progress=opts.progress)
+    results = demo(opts.output, preset=opts.preset, progress=opts.progress, seed=opts.seed)
     table = Path(opts.output) / "results.md"
     if table.is_file():
         print(table.read_text(encoding="utf-8"))

@@ -43,7 +43,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "generate": True,
         "no_composition": False,
     },
-    "demo": {"output": "lmcompose-demo", "preset": "quick", "progress": True},
+    "demo": {"output": "lmcompose-demo", "preset": "quick", "progress": True, "seed": 0},
 }
 REQUIRED = {
     "train": ("anchor", "augment", "data", "output"),
@@ -242,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--preset", choices=["quick", "paper"],
                       help="quick: CPU-sized (minutes); paper: the paper's scale, for a GPU (default: quick)")
     demo.add_argument("--progress", action=argparse.BooleanOptionalAction, help="print progress (default: on)")
+    demo.add_argument("--seed", type=_non_negative, metavar="N",
+                      help="seed of the task (keys, values, split) and of every model and data stream (default: 0)")
     return parser
 
 

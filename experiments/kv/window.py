@@ -1,0 +1,107 @@
+"""Exploration (runs 46+): the pipeline's CALM row with overrides, including a per-connection attention window
+(a query reads only the last W augment positions up to its own; 0 = every earlier position, the library's default).
+
+Usage: python window.py BASES [--connections JSON] [--windows JSON] [--steps N] [--heads H]
+Reports teacher-forced exact match (= greedy) on held-in / held-out KV-MATH by operand count and NUM-MATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import lmcompose.cross_attention as xa
+from common import encode, exact_match
+from lmcompose import ComposedModel, CompositionConfig
+from lmcompose.tasks.kv import KVRepository
+from lmcompose.tasks.kv_pipeline import composition_data, load_bases, quick_config
+from lmcompose.tasks.kv_training import batches, train_loop
+
+
+def windowed_forward(self, anchor_hidden, keys, values, mask=None, positions=None):
+    """CrossAttention.forward where query i reads keys i - window + 1 .. i (t == s, shared tokenizer)."""
+    b, t, dim = anchor_hidden.shape
+    q = self._heads(self._query(anchor_hidden))
+    if self.rotary:
+        q = xa.apply_rotary(q, positions)
+    s = keys.shape[2]
+    i, j = torch.arange(t)[:, None] + (s - t), torch.arange(s)[None, :]
+    band = (j <= i) & ((j > i - self.window) if self.window else True)  # (t, s)
+    m = band[None, None] if mask is None else mask & band
+    empty = ~m.any(dim=-1, keepdim=True)
+    y = F.scaled_dot_product_attention(q, keys, values, attn_mask=m | empty).masked_fill(empty, 0.0)
+    return self.out(y.transpose(1, 2).reshape(b, t, dim))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("bases")
+    ap.add_argument("--connections", default=None)
+    ap.add_argument("--windows", default=None, help="JSON list, one window per connection (0: no window)")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--heads", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--mix", type=float, default=None, help="fraction of NUM-MATH in D_C")
+    ap.add_argument("--no-rotary", action="store_true")
+    ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (the pipeline: 1)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    config = quick_config()
+    if args.connections:
+        config.connections = json.loads(args.connections)
+    for name, field in (("steps", "compose_steps"), ("heads", "compose_heads"), ("lr", "compose_lr"), ("batch", "batch_size"),
+                        ("mix", "num_math_mix")):
+        if getattr(args, name) is not None:
+            setattr(config, field, getattr(args, name))
+    anchor, augment, tok = load_bases(Path(args.bases))
+    repo = KVRepository(config.task)
+    torch.manual_seed(config.seed)
+    model = ComposedModel(anchor, augment, CompositionConfig(connections=config.connections, rotary=not args.no_rotary,
+                                                             num_heads=config.compose_heads))
+    windows = json.loads(args.windows) if args.windows else [0] * len(config.connections)
+    xa.CrossAttention.forward = windowed_forward
+    for connection, w in zip(model.connections[0], windows):
+        connection.window = w
+    vocab, bos, eos, pad = tok.get_vocab(), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    ev = repo.evaluation_expressions()
+    rin = repo.expressions("held_in", random.Random(5))
+    held_in = [next(rin) for _ in range(500)]
+
+    def report() -> str:
+        model.eval()
+        parts = []
+        for label, exprs in (("in", held_in), ("out", ev)):
+            pairs = [encode(vocab, repo.kv_math(e), bos, eos) for e in exprs]
+            by = {n: exact_match(model, [p for p, e in zip(pairs, exprs) if len(e.keys) == n], pad) for n in (2, 3)}
+            parts.append(f"{label} {exact_match(model, pairs, pad):.1f} ({by[2]:.1f}/{by[3]:.1f})")
+        num = exact_match(model, [encode(vocab, repo.num_math(e), bos, eos) for e in ev], pad)
+        model.train()
+        return "KV-MATH " + " ".join(parts) + f" NUM {num:.1f}"
+
+    norms = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(parameters, max_norm, *a, **k):  # the pipeline's loop clips at 1; record the norms
+        norm = clip(parameters, args.clip, *a, **k)
+        norms.append(norm.item())
+        if len(norms) % 250 == 0:
+            recent = sorted(norms[-250:])
+            print(f"  grad norm median {recent[125]:.2f}, clipped {sum(n > args.clip for n in recent) / 2.5:.0f}%")
+        return norm
+
+    torch.nn.utils.clip_grad_norm_ = recording_clip
+    model.train()
+    data = batches(composition_data(repo, config.num_math_mix), tok, config.batch_size, config.seed + 13)
+    seconds = train_loop(model.composition_parameters(), lambda b: model(**b).loss, data, config.compose_steps,
+                         config.compose_lr, lambda m: print(m, flush=True), log_every=500)
+    print(f"RESULT {vars(args)} {report()} {seconds:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
