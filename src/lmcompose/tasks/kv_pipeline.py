@@ -60,7 +60,7 @@ class KVPipelineConfig:
     # written into the embeddings (before any mixing), from both augment blocks, and after blocks 0 and 1; rotary
     # lets a query pick its own position. (0,0),(1,1),(1,2) without the embeddings: 36.8% at 600 steps vs 48.4%
     # (LOG.md runs 26a, 41b); the second connection into the embeddings, (0,-1): 65.8% vs 61.0% at 1500 steps for
-    # ~12% more time per step (LOG.md run 46).
+    # ~4% more time per step (LOG.md runs 46d, 46j).
     connections: list = field(default_factory=lambda: [[1, -1], [0, -1], [0, 0], [1, 1]])
     rotary: bool = True
     # cross-attention heads; None: the anchor's (paper). Quick: 32 (head dim 4): same parameters as 4 or 16 heads,
