@@ -50,9 +50,10 @@ def main() -> None:
     ap.add_argument("--mix", type=float, default=None, help="fraction of NUM-MATH in D_C")
     ap.add_argument("--no-rotary", action="store_true")
     ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (the pipeline: 1)")
+    ap.add_argument("--seed", type=int, default=0, help="the preset's seed (task and models; must match the bases)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    config = quick_config()
+    config = quick_config(args.seed)
     if args.connections:
         config.connections = json.loads(args.connections)
     for name, field in (("steps", "compose_steps"), ("heads", "compose_heads"), ("lr", "compose_lr"), ("batch", "batch_size"),
