@@ -7,12 +7,15 @@ Trains (or loads) the pipeline's CALM row on cached bases, then on held-out KV-M
 - oracle: the composed model with each key's embedding set to its value's embedding plus the learned update;
 - robustness: the anchor alone on NUM-MATH with its training noise (0.5 x RMS) on its embeddings.
 
-Usage: python diag_embed.py ../../outputs/kv_quick2/bases/<fingerprint> [--state cache/calm_preset.pt]
+Usage: python diag_embed.py BASES [--connections JSON] [--state FILE.pt]
+Run 45: the bases of run 42 with --connections "[[1,-1],[0,0],[1,1]]" (the preset of then). --state loads the
+composition from FILE.pt when it exists, else trains it and saves it there.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -21,29 +24,33 @@ from common import collate, encode, exact_match
 from lmcompose import ComposedModel
 from lmcompose.cross_attention import apply_rotary
 from lmcompose.tasks.kv import KVRepository
-from lmcompose.tasks.kv_pipeline import composition_config, composition_data, load_bases, quick_config
+from lmcompose.tasks.kv_pipeline import composition_config, composition_data, embedding_noise, load_bases, quick_config
 from lmcompose.tasks.kv_training import batches, train_loop
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("bases")
-    ap.add_argument("--state", default="cache/calm_preset.pt")
+    ap.add_argument("--connections", default=None, help="JSON (augment, anchor) pairs; the first must be (i, -1)")
+    ap.add_argument("--state", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
     config = quick_config()
+    if args.connections:
+        config.connections = json.loads(args.connections)
     anchor, augment, tok = load_bases(Path(args.bases))
     repo = KVRepository(config.task)
     torch.manual_seed(config.seed)
     model = ComposedModel(anchor, augment, composition_config(config))
-    if Path(args.state).exists():
+    if args.state and Path(args.state).exists():
         model.connections.load_state_dict(torch.load(args.state))
     else:
         model.train()
         data = batches(composition_data(repo, config.num_math_mix), tok, config.batch_size, config.seed + 13)
         train_loop(model.composition_parameters(), lambda b: model(**b).loss, data, config.compose_steps,
                    config.compose_lr, print)
-        torch.save(model.connections.state_dict(), args.state)
+        if args.state:
+            torch.save(model.connections.state_dict(), args.state)
     model.eval()
     vocab, bos, eos, pad = tok.get_vocab(), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     numbers = torch.tensor([vocab[str(v)] for v in range(1, 10)])
@@ -90,13 +97,12 @@ def main() -> None:
               f"({len(right)}), where one is wrong: {exact_match(model, wrong, pad) if wrong else 0:.1f}% ({len(wrong)})")
         with model.disable_composition():
             print(f"  anchor alone NUM-MATH {exact_match(model, num_pairs, pad):.1f}%")
-            gen = torch.Generator().manual_seed(0)
+            embeddings = anchor.get_input_embeddings().train()  # the noise hook acts in training mode only
             for scale in (0.25, 0.5):
-                def hook(module, a, out, scale=scale):
-                    return out + torch.randn(out.shape, generator=gen) * scale * out.pow(2).mean().sqrt()
-                h = anchor.get_input_embeddings().register_forward_hook(hook)
+                h = embedding_noise(anchor, scale, seed=0)
                 print(f"  anchor alone NUM-MATH with noise {scale}: {exact_match(model, num_pairs, pad):.1f}%")
                 h.remove()
+            embeddings.eval()
         # oracle: the composed model reading the value's embedding (plus the update) at key positions
         def oracle(module, a, out, values=values, key_pos=key_pos):
             out = out.clone()
