@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--anchor-steps", type=int, default=2000)
     ap.add_argument("--augment-steps", type=int, default=500)
     ap.add_argument("--anchor-lr", type=float, default=1e-3)
+    ap.add_argument("--noise", type=float, default=None, help="anchor_embedding_noise (default: the preset's)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -32,6 +33,8 @@ def main() -> None:
                         max_operands=args.max_ops, seed=args.seed)
     config = KVPipelineConfig(task=task, anchor_steps=args.anchor_steps, augment_steps=args.augment_steps,
                               anchor_lr=args.anchor_lr, seed=args.seed)
+    if args.noise is not None:
+        config.anchor_embedding_noise = args.noise
     repo = KVRepository(task)
     anchor, augment, tok, info = load_or_train_bases(config, repo, Path("cache/pipeline"), log=print)
     print("folder", Path("cache/pipeline") / config.base_fingerprint(), {k: v for k, v in info.items() if k != "config"})

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import lmcompose.cross_attention as xa
 from common import encode, exact_match
 from lmcompose import ComposedModel, CompositionConfig
-from lmcompose.tasks.kv import KVRepository
+from lmcompose.tasks.kv import KVRepository, num_math_example
 from lmcompose.tasks.kv_pipeline import composition_data, load_bases, quick_config
 from lmcompose.tasks.kv_training import batches, train_loop
 
@@ -51,9 +51,17 @@ def main() -> None:
     ap.add_argument("--no-rotary", action="store_true")
     ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (the pipeline: 1)")
     ap.add_argument("--seed", type=int, default=0, help="the preset's seed (task and models; must match the bases)")
+    ap.add_argument("--value-max", type=int, default=None, help="task override (must match the bases)")
+    ap.add_argument("--num-keys", type=int, default=None, help="task override (must match the bases)")
+    ap.add_argument("--wd", type=float, default=0.0, help="AdamW weight decay (the pipeline: 0)")
+    ap.add_argument("--three", type=float, default=None, help="probability of 3 operands in D_C's KV-MATH (None: uniform)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     config = quick_config(args.seed)
+    if args.value_max is not None:
+        config.task.value_max = args.value_max
+    if args.num_keys is not None:
+        config.task.num_keys = args.num_keys
     if args.connections:
         config.connections = json.loads(args.connections)
     for name, field in (("steps", "compose_steps"), ("heads", "compose_heads"), ("lr", "compose_lr"), ("batch", "batch_size"),
@@ -97,8 +105,21 @@ def main() -> None:
         return norm
 
     torch.nn.utils.clip_grad_norm_ = recording_clip
+    adamw = torch.optim.AdamW
+    torch.optim.AdamW = lambda params, **k: adamw(params, **{**k, "weight_decay": args.wd})
     model.train()
-    data = batches(composition_data(repo, config.num_math_mix), tok, config.batch_size, config.seed + 13)
+    make = composition_data(repo, config.num_math_mix)
+    if args.three is not None:  # D_C's KV-MATH with P(3 operands) = --three
+        def only(n):
+            return (e for e in repo.expressions("held_in", random.Random(config.seed + 100 + n)) if len(e.keys) == n)
+
+        pools = {n: only(n) for n in (2, 3)}
+
+        def make(rng):
+            if rng.random() < config.num_math_mix:
+                return num_math_example(*next(repo.random_numbers(rng)))
+            return repo.kv_math(next(pools[3 if rng.random() < args.three else 2]))
+    data = batches(make, tok, config.batch_size, config.seed + 13)
     seconds = train_loop(model.composition_parameters(), lambda b: model(**b).loss, data, config.compose_steps,
                          config.compose_lr, lambda m: print(m, flush=True), log_every=500)
     print(f"RESULT {vars(args)} {report()} {seconds:.0f}s", flush=True)

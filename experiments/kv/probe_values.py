@@ -1,0 +1,83 @@
+"""Exploration (run 54): how value-organised are an augment's key states?
+
+Usage: python probe_values.py AUGMENT_BASES... [--seed N]
+For each bases folder: the augment's hidden states at a key's position ("<s> KEY +", every key); a ridge map to the
+one-hot value fitted on the held-in keys only, scored on the held-out keys (what a composition trained on D_C can
+carry over), and the fraction of the states' variance that lies between value groups.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lmcompose.tasks.kv import KVRepository, key_text
+from lmcompose.tasks.kv_pipeline import load_bases, quick_config
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("bases", nargs="+")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    repo = KVRepository(quick_config(args.seed).task)
+    keys = list(repo.keys)
+    values = torch.tensor([repo.values[k] for k in keys]) - 1
+    held_in = torch.tensor([k in set(repo.held_in) for k in keys])
+    for folder in args.bases:
+        _, augment, tok = load_bases(Path(folder))
+        vocab = tok.get_vocab()
+        ids = torch.tensor([[tok.bos_token_id, vocab[k], vocab["+"]] for k in keys])
+        with torch.no_grad():
+            states = augment(ids, output_hidden_states=True).hidden_states  # embeddings, block 0, block 1
+        parts = []
+        for layer, h in enumerate(states[:1]):
+            x = h[:, 1]  # (keys, D_A) at the key's position
+            x = torch.cat([x - x[held_in].mean(0), torch.ones(len(x), 1)], 1)
+            y = F.one_hot(values, int(values.max()) + 1).float()
+            w = torch.linalg.solve(x[held_in].T @ x[held_in] + 1e-2 * torch.eye(x.shape[1]), x[held_in].T @ y[held_in])
+            probe = ((x[~held_in] @ w).argmax(1) == values[~held_in]).float().mean().item() * 100
+            centred = h[:, 1] - h[:, 1].mean(0)
+            means = torch.stack([centred[values == v].mean(0) for v in values.unique()])[values]
+            between = means.pow(2).sum() / centred.pow(2).sum() * 100
+            parts.append(f"layer {layer}: probe {probe:.1f}% between-value variance {between:.0f}%")
+        parts += in_context(augment, tok, repo)
+        print(folder, "|", "; ".join(parts), flush=True)
+
+
+def in_context(augment, tok, repo: KVRepository) -> list[str]:
+    """The same probe on states at each key of three-key prompts (fitted on held-in prompts, scored on held-out)."""
+    vocab = tok.get_vocab()
+
+    def states(split: str, seed: int):
+        stream = repo.expressions(split, random.Random(seed))
+        exprs = [e for e in (next(stream) for _ in range(3000)) if len(e.keys) == 3][:800]
+        ids = torch.tensor([[tok.bos_token_id] + [vocab[w] for w in key_text(e).split()] for e in exprs])
+        with torch.no_grad():
+            hs = augment(ids, output_hidden_states=True).hidden_states
+        vals = torch.tensor([[repo.values[k] - 1 for k in e.keys] for e in exprs])  # (n, 3)
+        return hs, vals
+
+    (hi, vi), (ho, vo) = states("held_in", 1), states("held_out", 2)
+    out = []
+    for layer in range(1, len(hi)):
+        accs = []
+        for pos, col in ((1, 0), (3, 1), (5, 2)):
+            xi, xo = hi[layer][:, pos], ho[layer][:, pos]
+            mu = xi.mean(0)
+            xi = torch.cat([xi - mu, torch.ones(len(xi), 1)], 1)
+            xo = torch.cat([xo - mu, torch.ones(len(xo), 1)], 1)
+            y = F.one_hot(vi[:, col], 9).float()
+            w = torch.linalg.solve(xi.T @ xi + 1e-2 * torch.eye(xi.shape[1]), xi.T @ y)
+            accs.append(((xo @ w).argmax(1) == vo[:, col]).float().mean().item() * 100)
+        out.append(f"layer {layer} in 3-key prompts, keys 1/2/3: " + "/".join(f"{a:.1f}" for a in accs))
+    return out
+
+
+if __name__ == "__main__":
+    main()
