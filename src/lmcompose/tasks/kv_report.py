@@ -50,12 +50,14 @@ def bar_chart(results: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
     for k, d in enumerate(DATASETS):
         xs = [i + (k - (len(DATASETS) - 1) / 2) * width for i in range(len(names))]
-        ax.bar(xs, [results["rows"][n][d] for n in names], width, label=d)
+        bars = ax.bar(xs, [results["rows"][n][d] for n in names], width, label=d)
+        ax.bar_label(bars, fmt="%.1f", fontsize=6.5, padding=1)
     ax.set_xticks(range(len(names)), names, rotation=15, ha="right")
     ax.set_ylabel("exact match on held-out keys (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title("Key-value arithmetic (CALM §4.1)")
-    ax.legend()
+    ax.set_ylim(0, 108)
+    ax.set_title("Key-value arithmetic (CALM §4.1)", pad=24)
+    # above the axes, so no bar is hidden behind it
+    ax.legend(ncol=len(DATASETS), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
