@@ -1,6 +1,7 @@
 """Exploration (run 54): the same anchor with an augment trained for another number of steps.
 
-Usage: python aug_bases.py BASES OUT STEPS [--seed N] [--lr LR] [--hidden H] [--layers L]
+Usage: python aug_bases.py BASES OUT STEPS [--seed N] [--lr LR] [--hidden H] [--layers L] [--value-max V --num-keys K]
+(run 54: --value-max 9 --num-keys 200, the task of those bases)
 Copies BASES' tokenizer and anchor to OUT and trains a new augment there (the pipeline's augment recipe).
 """
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from common import add_task_options, apply_task_options
 from lmcompose.tasks.kv import KVRepository
 from lmcompose.tasks.kv_pipeline import augment_data, load_bases, new_base, quick_config, train_lm
 
@@ -25,9 +27,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--hidden", type=int, default=None)
     ap.add_argument("--layers", type=int, default=None)
+    add_task_options(ap)
     args = ap.parse_args()
     torch.set_num_threads(1)
     config = quick_config(args.seed)
+    apply_task_options(config, args)
     config.augment_steps = args.steps
     config.augment_lr = args.lr or config.augment_lr
     config.augment_hidden = args.hidden or config.augment_hidden

@@ -72,3 +72,17 @@ def anchor_scores(anchor, repo, tokenizer) -> str:
     """The anchor's teacher-forced exact match on held-out NUM-MATH and KV-MATH, as one line."""
     sets, pad = held_out_sets(repo, tokenizer), tokenizer.pad_token_id
     return f"NUM-MATH {exact_match(anchor, sets['NUM-MATH'], pad):.1f}% KV-MATH {exact_match(anchor, sets['KV-MATH'], pad):.1f}%"
+
+
+def add_task_options(ap) -> None:
+    """``--value-max`` / ``--num-keys``: the task of older bases (runs before 55 used values 1..9 over 200 keys)."""
+    ap.add_argument("--value-max", type=int, default=None, help="task override (must match the bases)")
+    ap.add_argument("--num-keys", type=int, default=None, help="task override (must match the bases)")
+
+
+def apply_task_options(config, args) -> None:
+    """Apply :func:`add_task_options`' overrides to a pipeline config, in place."""
+    if args.value_max is not None:
+        config.task.value_max = args.value_max
+    if args.num_keys is not None:
+        config.task.num_keys = args.num_keys

@@ -1,6 +1,6 @@
 """Exploration (run 54): how value-organised are an augment's key states?
 
-Usage: python probe_values.py AUGMENT_BASES... [--seed N]
+Usage: python probe_values.py BASES... [--seed N] [--value-max V --num-keys K]  (run 54: --value-max 9 --num-keys 200)
 For each bases folder: the augment's hidden states at a key's position ("<s> KEY +", every key); a ridge map to the
 one-hot value fitted on the held-in keys only, scored on the held-out keys (what a composition trained on D_C can
 carry over), and the fraction of the states' variance that lies between value groups.
@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from common import add_task_options, apply_task_options
 from lmcompose.tasks.kv import KVRepository, key_text
 from lmcompose.tasks.kv_pipeline import load_bases, quick_config
 
@@ -23,9 +24,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("bases", nargs="+")
     ap.add_argument("--seed", type=int, default=0)
+    add_task_options(ap)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    repo = KVRepository(quick_config(args.seed).task)
+    config = quick_config(args.seed)
+    apply_task_options(config, args)
+    repo = KVRepository(config.task)
     keys = list(repo.keys)
     values = torch.tensor([repo.values[k] for k in keys]) - 1
     held_in = torch.tensor([k in set(repo.held_in) for k in keys])
@@ -72,7 +76,7 @@ def in_context(augment, tok, repo: KVRepository) -> list[str]:
             mu = xi.mean(0)
             xi = torch.cat([xi - mu, torch.ones(len(xi), 1)], 1)
             xo = torch.cat([xo - mu, torch.ones(len(xo), 1)], 1)
-            y = F.one_hot(vi[:, col], 9).float()
+            y = F.one_hot(vi[:, col], repo.config.value_range).float()
             w = torch.linalg.solve(xi.T @ xi + 1e-2 * torch.eye(xi.shape[1]), xi.T @ y)
             accs.append(((xo @ w).argmax(1) == vo[:, col]).float().mean().item() * 100)
         out.append(f"layer {layer} in 3-key prompts, keys 1/2/3: " + "/".join(f"{a:.1f}" for a in accs))

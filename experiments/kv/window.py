@@ -1,7 +1,8 @@
 """Exploration (runs 46+): the pipeline's CALM row with overrides, including a per-connection attention window
 (a query reads only the last W augment positions up to its own; 0 = every earlier position, the library's default).
 
-Usage: python window.py BASES [--connections JSON] [--windows JSON] [--steps N] [--heads H]
+Usage: python window.py BASES [--connections JSON] [--windows JSON] [--steps N] [--heads H] [--seed N] [--three P] [--wd W]
+       [--value-max V --num-keys K]  (the preset's task unless given; must match the bases: runs 46-54 used 9 and 200)
 Reports teacher-forced exact match (= greedy) on held-in / held-out KV-MATH by operand count and NUM-MATH.
 """
 
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import lmcompose.cross_attention as xa
-from common import encode, exact_match
+from common import add_task_options, apply_task_options, encode, exact_match
 from lmcompose import ComposedModel, CompositionConfig
 from lmcompose.tasks.kv import KVRepository, num_math_example
 from lmcompose.tasks.kv_pipeline import composition_data, load_bases, quick_config
@@ -38,6 +39,22 @@ def windowed_forward(self, anchor_hidden, keys, values, mask=None, positions=Non
     return self.out(y.transpose(1, 2).reshape(b, t, dim))
 
 
+def three_operand_mix(repo: KVRepository, config, three: float):
+    """D_C whose KV-MATH expressions have 3 operands with probability ``three`` (else 2)."""
+
+    def only(n):
+        return (e for e in repo.expressions("held_in", random.Random(config.seed + 100 + n)) if len(e.keys) == n)
+
+    pools = {n: only(n) for n in (2, 3)}
+
+    def make(rng):
+        if rng.random() < config.num_math_mix:
+            return num_math_example(*next(repo.random_numbers(rng)))
+        return repo.kv_math(next(pools[3 if rng.random() < three else 2]))
+
+    return make
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("bases")
@@ -51,17 +68,13 @@ def main() -> None:
     ap.add_argument("--no-rotary", action="store_true")
     ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (the pipeline: 1)")
     ap.add_argument("--seed", type=int, default=0, help="the preset's seed (task and models; must match the bases)")
-    ap.add_argument("--value-max", type=int, default=None, help="task override (must match the bases)")
-    ap.add_argument("--num-keys", type=int, default=None, help="task override (must match the bases)")
+    add_task_options(ap)
     ap.add_argument("--wd", type=float, default=0.0, help="AdamW weight decay (the pipeline: 0)")
     ap.add_argument("--three", type=float, default=None, help="probability of 3 operands in D_C's KV-MATH (None: uniform)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     config = quick_config(args.seed)
-    if args.value_max is not None:
-        config.task.value_max = args.value_max
-    if args.num_keys is not None:
-        config.task.num_keys = args.num_keys
+    apply_task_options(config, args)
     if args.connections:
         config.connections = json.loads(args.connections)
     for name, field in (("steps", "compose_steps"), ("heads", "compose_heads"), ("lr", "compose_lr"), ("batch", "batch_size"),
@@ -110,15 +123,7 @@ def main() -> None:
     model.train()
     make = composition_data(repo, config.num_math_mix)
     if args.three is not None:  # D_C's KV-MATH with P(3 operands) = --three
-        def only(n):
-            return (e for e in repo.expressions("held_in", random.Random(config.seed + 100 + n)) if len(e.keys) == n)
-
-        pools = {n: only(n) for n in (2, 3)}
-
-        def make(rng):
-            if rng.random() < config.num_math_mix:
-                return num_math_example(*next(repo.random_numbers(rng)))
-            return repo.kv_math(next(pools[3 if rng.random() < args.three else 2]))
+        make = three_operand_mix(repo, config, args.three)
     data = batches(make, tok, config.batch_size, config.seed + 13)
     seconds = train_loop(model.composition_parameters(), lambda b: model(**b).loss, data, config.compose_steps,
                          config.compose_lr, lambda m: print(m, flush=True), log_every=500)

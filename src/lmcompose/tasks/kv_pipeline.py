@@ -70,7 +70,8 @@ class KVPipelineConfig:
     compose_heads: Optional[int] = 32
     # steps of CALM and of CALM with a random m_A (the matched control, same steps). Quick: 1500, what fits the
     # 5-minute budget with cached bases (two processes, ~0.13 s per step each on a 2-core CPU). With the preset's
-    # bases CALM reaches 99.8% held-out (LOG.md run 55); with weaker augments accuracy still rose with more steps.
+    # bases CALM reaches 99.0-99.8% held-out on seeds 0-3 (LOG.md run 56); with weaker augments accuracy still rose
+    # with more steps.
     compose_steps: int = 1500
     # steps of LoRA and full fine-tuning on D_C; None: compose_steps. Quick: 750 (keeps the cached run under 5
     # minutes). Fine-tuning fits D_C (loss 0.10 at step 750 and 0.06 at 1000 of a 1000-step run: it learns the
