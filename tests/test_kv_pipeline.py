@@ -46,7 +46,7 @@ def test_the_anchor_reads_every_key_as_unknown(tmp_path):
     from lmcompose.tasks.kv import KVRepository
     from lmcompose.tasks.kv_pipeline import load_or_train_bases
 
-    config = tiny_config()
+    config = tiny_config(workers=1)
     repo = KVRepository(config.task)
     anchor, augment, tok, _ = load_or_train_bases(config, repo, tmp_path)
     vocab = tok.get_vocab()
@@ -58,6 +58,20 @@ def test_the_anchor_reads_every_key_as_unknown(tmp_path):
         a, b = (anchor(torch.tensor([[tok.bos_token_id] + [vocab[w] for w in text.split()]])).logits
                 for text in (f"{repo.keys[0]} + {repo.keys[1]} =", f"{repo.keys[2]} + {repo.keys[3]} ="))
     assert torch.equal(a, b)
+
+
+def test_bases_are_the_same_trained_side_by_side_or_in_turn(tmp_path):
+    from lmcompose.tasks.kv import KVRepository
+    from lmcompose.tasks.kv_pipeline import load_or_train_bases
+
+    config = tiny_config()
+    repo = KVRepository(config.task)
+    infos = {w: load_or_train_bases(tiny_config(workers=w), repo, tmp_path / str(w))[3] for w in (1, 2)}
+    assert infos[1]["cached"] is False and infos[2]["cached"] is False
+    folder = config.base_fingerprint()  # workers are not part of the bases' fingerprint
+    assert tiny_config(workers=1).base_fingerprint() == folder
+    for part in ("anchor/model.safetensors", "augment/model.safetensors", "tokenizer/tokenizer.json"):
+        assert (tmp_path / "1" / folder / part).read_bytes() == (tmp_path / "2" / folder / part).read_bytes(), part
 
 
 def test_lora_rank_matches_the_budget_and_presets_differ():

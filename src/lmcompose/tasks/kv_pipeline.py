@@ -218,10 +218,51 @@ def load_bases(folder: Path) -> tuple[nn.Module, nn.Module, Any]:
     return anchor, augment, tokenizer
 
 
+def train_base(role: str, config: KVPipelineConfig, folder: str, progress: bool = False) -> float:
+    """Train the anchor or the augment of ``config`` from scratch and save it to ``folder/role``.
+
+    Self-contained (a worker process runs it): builds its own tokenizer, model and seeded data stream, so the
+    result does not depend on which process trains it.
+
+    Args:
+        role: "anchor" (NUM-MATH, keys read as ``<unk>``, embedding noise) or "augment" (KV-SUBS over every key).
+        progress: print a progress line every 250 steps.
+    Returns:
+        seconds spent training.
+    """
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    repo = KVRepository(config.task)
+    tokenizer = build_tokenizer(repo)
+    model = new_base(config, len(tokenizer), role)
+    log = (lambda m: print(f"[{role}] {m}", flush=True)) if progress else None
+    if role == "anchor":
+        if config.anchor_unknown_keys:
+            unknown_keys(model, tokenizer, repo)
+        noise = embedding_noise(model, config.anchor_embedding_noise, config.seed + 14)
+        try:
+            seconds = train_lm(model, anchor_data(repo), tokenizer, config.anchor_steps, config.anchor_lr, config,
+                               config.seed + 11, log)
+        finally:
+            noise.remove()
+    elif role == "augment":
+        seconds = train_lm(model, augment_data(repo), tokenizer, config.augment_steps, config.augment_lr, config,
+                           config.seed + 12, log)
+    else:
+        raise ValueError(f"Unknown base {role!r}; expected 'anchor' or 'augment'")
+    model.save_pretrained(Path(folder) / role)
+    return seconds
+
+
 def load_or_train_bases(config: KVPipelineConfig, repo: KVRepository, cache_dir: Path,
                         log: Optional[Callable[[str], None]] = None) -> tuple[nn.Module, nn.Module, Any, dict]:
     """The tokenizer, anchor and augment from ``cache_dir/<fingerprint>``, trained and saved there when missing.
 
+    With more than one worker (:func:`workers_for`) the anchor and the augment train side by side in two
+    processes; the saved models are the same either way.
+
+    Args:
+        log: when given, each training prints its progress lines ("[anchor] step ...") itself.
     Returns:
         (anchor, augment, tokenizer, info) with info = {"cached": bool, "anchor_seconds", "augment_seconds"}.
     """
@@ -230,29 +271,17 @@ def load_or_train_bases(config: KVPipelineConfig, repo: KVRepository, cache_dir:
     if done.exists():
         info = json.loads(done.read_text())
         return (*load_bases(folder), {**info, "cached": True})
-    tokenizer = build_tokenizer(repo)
-    anchor = new_base(config, len(tokenizer), "anchor")
-    if config.anchor_unknown_keys:
-        unknown_keys(anchor, tokenizer, repo)
-    augment = new_base(config, len(tokenizer), "augment")
-    say = (lambda m: log(f"[anchor] {m}")) if log else None
-    noise = embedding_noise(anchor, config.anchor_embedding_noise, config.seed + 14)
-    try:
-        anchor_s = train_lm(anchor, anchor_data(repo), tokenizer, config.anchor_steps, config.anchor_lr, config,
-                            config.seed + 11, say)
-    finally:
-        noise.remove()
-    say = (lambda m: log(f"[augment] {m}")) if log else None
-    augment_s = train_lm(augment, augment_data(repo), tokenizer, config.augment_steps, config.augment_lr, config, config.seed + 12, say)
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(folder / "tokenizer")
-    anchor.save_pretrained(folder / "anchor")
-    augment.save_pretrained(folder / "augment")
-    info = {"anchor_seconds": round(anchor_s, 1), "augment_seconds": round(augment_s, 1), "config": config.to_dict()}
+    build_tokenizer(repo).save_pretrained(folder / "tokenizer")
+    roles = ("anchor", "augment")
+    seconds = run_jobs(train_base, [(role, config, str(folder), log is not None) for role in roles],
+                       min(len(roles), workers_for(config)))
+    info = {f"{role}_seconds": round(s, 1) for role, s in zip(roles, seconds)}
+    info["config"] = config.to_dict()
     tmp = done.with_suffix(".tmp")
     tmp.write_text(json.dumps(info, indent=2))
     os.replace(tmp, done)  # written last: a folder without done.json is retrained
-    return anchor, augment, tokenizer, {**info, "cached": False}
+    return (*load_bases(folder), {**info, "cached": False})
 
 
 def lora_rank_for(model: nn.Module, budget: int) -> int:
@@ -342,14 +371,22 @@ def train_row(name: str, config: KVPipelineConfig, bases_dir: str, progress: boo
     return {"row": row, "seconds": {f"train {name}": round(seconds, 1), f"eval {name}": round(time.time() - start, 1)}}
 
 
-def _train_row_job(job: tuple) -> dict[str, Any]:
-    return train_row(*job)
-
-
 def _quiet_worker() -> None:
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # in a worker the rows' own progress lines are what the user follows
+    hf_logging.disable_progress_bar()  # in a worker the jobs' own progress lines are what the user follows
+
+
+def run_jobs(fn: Callable, jobs: list[tuple], workers: int) -> list:
+    """``[fn(*job) for job in jobs]``, in ``workers`` processes when more than one (``fn`` must be importable)."""
+    if workers <= 1:
+        return [fn(*job) for job in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: a forked child of a process that already ran torch ops can deadlock in OpenMP
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_quiet_worker) as pool:
+        return list(pool.map(fn, *zip(*jobs)))
 
 
 def workers_for(config: KVPipelineConfig) -> int:
@@ -389,15 +426,7 @@ def run_experiment(config: KVPipelineConfig, cache_dir: Path, log: Optional[Call
     jobs = [(name, config, str(Path(cache_dir) / config.base_fingerprint()), log is not None) for name in TRAINED_ROWS]
     workers = workers_for(config)
     t = time.time()
-    if workers > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        # spawn, not fork: a forked child of a process that already ran torch ops can deadlock in OpenMP
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_quiet_worker) as pool:
-            done = list(pool.map(_train_row_job, jobs))
-    else:
-        done = [_train_row_job(job) for job in jobs]
+    done = run_jobs(train_row, jobs, workers)
     for name, out in zip(TRAINED_ROWS, done):
         rows[name] = out["row"]
         seconds.update(out["seconds"])
