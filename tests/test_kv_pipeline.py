@@ -64,12 +64,12 @@ def test_bases_are_the_same_trained_side_by_side_or_in_turn(tmp_path):
     from lmcompose.tasks.kv import KVRepository
     from lmcompose.tasks.kv_pipeline import load_or_train_bases
 
-    config = tiny_config()
-    repo = KVRepository(config.task)
-    infos = {w: load_or_train_bases(tiny_config(workers=w), repo, tmp_path / str(w))[3] for w in (1, 2)}
+    configs = {w: tiny_config(workers=w) for w in (1, 2)}
+    repo = KVRepository(configs[1].task)
+    infos = {w: load_or_train_bases(c, repo, tmp_path / str(w))[3] for w, c in configs.items()}
     assert infos[1]["cached"] is False and infos[2]["cached"] is False
-    folder = config.base_fingerprint()  # workers are not part of the bases' fingerprint
-    assert tiny_config(workers=1).base_fingerprint() == folder
+    folder = configs[2].base_fingerprint()
+    assert configs[1].base_fingerprint() == folder  # workers are not part of the bases' fingerprint
     for part in ("anchor/model.safetensors", "augment/model.safetensors", "tokenizer/tokenizer.json"):
         assert (tmp_path / "1" / folder / part).read_bytes() == (tmp_path / "2" / folder / part).read_bytes(), part
 

@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 
 from common import add_task_options, apply_task_options
-from lmcompose.tasks.kv import KVRepository
-from lmcompose.tasks.kv_pipeline import augment_data, load_bases, new_base, quick_config, train_lm
+from lmcompose.tasks.kv_pipeline import quick_config, train_base
 
 
 def main() -> None:
@@ -37,15 +36,10 @@ def main() -> None:
     config.augment_hidden = args.hidden or config.augment_hidden
     config.augment_layers = args.layers or config.augment_layers
     src, out = Path(args.bases), Path(args.out)
-    _, _, tok = load_bases(src)
     out.mkdir(parents=True, exist_ok=True)
     for part in ("tokenizer", "anchor"):
         shutil.copytree(src / part, out / part, dirs_exist_ok=True)
-    repo = KVRepository(config.task)
-    augment = new_base(config, len(tok), "augment")
-    seconds = train_lm(augment, augment_data(repo), tok, config.augment_steps, config.augment_lr, config,
-                       config.seed + 12, print)
-    augment.save_pretrained(out / "augment")
+    seconds = train_base("augment", config, str(out), progress=True)
     print(f"AUGMENT {vars(args)} {seconds:.0f}s")
 
 

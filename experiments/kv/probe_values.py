@@ -20,6 +20,15 @@ from lmcompose.tasks.kv import KVRepository, key_text
 from lmcompose.tasks.kv_pipeline import load_bases, quick_config
 
 
+def ridge_probe(x_fit, v_fit, x_test, v_test, classes: int) -> float:
+    """Percent of ``v_test`` (0-based values) a ridge map from states to one-hot values, fitted on ``x_fit``, gets."""
+    mu = x_fit.mean(0)
+    xi = torch.cat([x_fit - mu, torch.ones(len(x_fit), 1)], 1)
+    xo = torch.cat([x_test - mu, torch.ones(len(x_test), 1)], 1)
+    w = torch.linalg.solve(xi.T @ xi + 1e-2 * torch.eye(xi.shape[1]), xi.T @ F.one_hot(v_fit, classes).float())
+    return ((xo @ w).argmax(1) == v_test).float().mean().item() * 100
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("bases", nargs="+")
@@ -42,10 +51,7 @@ def main() -> None:
         parts = []
         for layer, h in enumerate(states[:1]):
             x = h[:, 1]  # (keys, D_A) at the key's position
-            x = torch.cat([x - x[held_in].mean(0), torch.ones(len(x), 1)], 1)
-            y = F.one_hot(values, int(values.max()) + 1).float()
-            w = torch.linalg.solve(x[held_in].T @ x[held_in] + 1e-2 * torch.eye(x.shape[1]), x[held_in].T @ y[held_in])
-            probe = ((x[~held_in] @ w).argmax(1) == values[~held_in]).float().mean().item() * 100
+            probe = ridge_probe(x[held_in], values[held_in], x[~held_in], values[~held_in], repo.config.value_range)
             centred = h[:, 1] - h[:, 1].mean(0)
             means = torch.stack([centred[values == v].mean(0) for v in values.unique()])[values]
             between = means.pow(2).sum() / centred.pow(2).sum() * 100
@@ -72,13 +78,7 @@ def in_context(augment, tok, repo: KVRepository) -> list[str]:
     for layer in range(1, len(hi)):
         accs = []
         for pos, col in ((1, 0), (3, 1), (5, 2)):
-            xi, xo = hi[layer][:, pos], ho[layer][:, pos]
-            mu = xi.mean(0)
-            xi = torch.cat([xi - mu, torch.ones(len(xi), 1)], 1)
-            xo = torch.cat([xo - mu, torch.ones(len(xo), 1)], 1)
-            y = F.one_hot(vi[:, col], repo.config.value_range).float()
-            w = torch.linalg.solve(xi.T @ xi + 1e-2 * torch.eye(xi.shape[1]), xi.T @ y)
-            accs.append(((xo @ w).argmax(1) == vo[:, col]).float().mean().item() * 100)
+            accs.append(ridge_probe(hi[layer][:, pos], vi[:, col], ho[layer][:, pos], vo[:, col], repo.config.value_range))
         out.append(f"layer {layer} in 3-key prompts, keys 1/2/3: " + "/".join(f"{a:.1f}" for a in accs))
     return out
 
