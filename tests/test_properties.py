@@ -1,6 +1,5 @@
 """Property-based tests: arbitrary and malformed inputs give results that hold their invariants or our clear errors."""
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

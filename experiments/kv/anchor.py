@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import time
 
 import torch
 

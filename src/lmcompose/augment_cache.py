@@ -26,7 +26,8 @@ from .masking import positions_from_mask
 
 MANIFEST_NAME = "manifest.json"
 OFFSETS_NAME = "offsets.npy"
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16}  # bf16 as raw bits
+_NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16,
+                 torch.bfloat16: np.int16}  # bf16 as raw bits
 
 
 def cache_key(model: Any, dataset: Dataset, precision: str) -> dict[str, Any]:
