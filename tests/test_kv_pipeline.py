@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from lmcompose.tasks.kv import KVTaskConfig
+from lmcompose.tasks.kv import KVRepository, KVTaskConfig
 from lmcompose.tasks.kv_pipeline import KVPipelineConfig, lora_rank_for, paper_config, quick_config, run_demo
 
 
@@ -29,7 +29,10 @@ def test_pipeline_end_to_end_then_cached(tmp_path):
         assert all(0.0 <= row[d] <= 100.0 for d in ("KV-SUBS", "NUM-MATH", "KV-MATH"))
     assert rows["CALM"]["trainable_params"] == rows["CALM (random m_A)"]["trainable_params"]
     assert results["bases"]["cached"] is False
-    assert "| CALM |" in (tmp_path / "results.md").read_text()
+    report = (tmp_path / "results.md").read_text()
+    assert "| CALM |" in report
+    ceiling = KVRepository(tiny_config().task).key_blind_ceiling()
+    assert results["key_blind_kv_math"] == ceiling and f"can expect at most {ceiling:.1f}% on KV-MATH" in report
 
     bases = next((tmp_path / "bases").iterdir())
     anchor_file = bases / "anchor" / "model.safetensors"

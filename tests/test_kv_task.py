@@ -1,10 +1,13 @@
 """The key-value arithmetic generator (paper §4.1): keys, values, split, the three datasets, tokenizer."""
 
+import itertools
 import random
+from collections import Counter
 
 import pytest
 
 from lmcompose.tasks.kv import (
+    Expression,
     KVRepository,
     KVTaskConfig,
     answer_text,
@@ -15,7 +18,7 @@ from lmcompose.tasks.kv import (
 )
 
 CONFIGS = [
-    KVTaskConfig(),  # quick scale: values 1..9 shared by many keys
+    KVTaskConfig(),  # quick scale: values 1..19 shared by many keys
     KVTaskConfig(num_keys=300, value_max=None, min_operands=3, max_operands=5, operators=("+", "-", "*")),
 ]
 
@@ -136,3 +139,23 @@ def test_config_validation_and_paper_scale():
     paper = paper_task()
     assert paper.num_keys == 25_000 and paper.value_max is None
     assert (paper.min_operands, paper.max_operands) == (3, 6) and "*" in paper.operators
+
+
+@pytest.mark.parametrize("operators", [("+", "-"), ("+", "-", "*")])
+def test_key_blind_ceiling_is_the_best_guess_of_each_operator_pattern(operators):
+    repo = KVRepository(KVTaskConfig(num_keys=24, value_max=4, operators=operators, held_in_fraction=0.25))
+    # every expression over distinct held-out keys, weighted as expressions() draws them: a model that cannot tell
+    # keys apart answers each operator pattern with one number, at best the commonest answer of that pattern
+    best, arities = 0.0, (2, 3)
+    for n in arities:
+        for ops in itertools.product(operators, repeat=n - 1):
+            answers = Counter(evaluate(repo.operand_values(Expression(keys, ops)), ops)
+                              for keys in itertools.permutations(repo.held_out, n))
+            best += max(answers.values()) / sum(answers.values()) / (len(arities) * len(operators) ** (n - 1))
+    assert repo.key_blind_ceiling() == pytest.approx(100 * best)
+    assert 0 < best < 1
+
+
+def test_key_blind_ceiling_of_the_quick_task_and_when_it_is_too_costly():
+    assert KVRepository(KVTaskConfig()).key_blind_ceiling() == pytest.approx(4.53, abs=0.01)  # under the 5% target
+    assert KVRepository(CONFIGS[1]).key_blind_ceiling() is None  # unique values, 3-5 operands: 240**5 tuples

@@ -25,6 +25,11 @@ def markdown(results: dict[str, Any]) -> str:
         f"({results['held_out_keys']} keys never in D_C; D_C uses {results['held_in_keys']} keys). "
         f"Task seed {results['config']['task']['seed']}, seed {results['config']['seed']}.",
         "",
+    ]
+    if results.get("key_blind_kv_math") is not None:
+        lines += [f"A model that cannot tell keys apart can expect at most {results['key_blind_kv_math']:.1f}% on KV-MATH "
+                  "(the likeliest answer of each operator pattern).", ""]
+    lines += [
         "| model | " + " | ".join(DATASETS) + " | trainable params | paper (" + " / ".join(DATASETS) + ") |",
         "|---|" + "---|" * (len(DATASETS) + 2),
     ]
@@ -52,12 +57,15 @@ def bar_chart(results: dict[str, Any], path: Path) -> None:
         xs = [i + (k - (len(DATASETS) - 1) / 2) * width for i in range(len(names))]
         bars = ax.bar(xs, [results["rows"][n][d] for n in names], width, label=d)
         ax.bar_label(bars, fmt="%.1f", fontsize=6.5, padding=1)
+    if results.get("key_blind_kv_math") is not None:  # what guessing without the keys reaches on KV-MATH
+        ax.axhline(results["key_blind_kv_math"], color="gray", linestyle="--", linewidth=0.8,
+                   label="KV-MATH by guessing without the keys")
     ax.set_xticks(range(len(names)), names, rotation=15, ha="right")
     ax.set_ylabel("exact match on held-out keys (%)")
     ax.set_ylim(0, 108)
     ax.set_title("Key-value arithmetic (CALM §4.1)", pad=24)
     # above the axes, so no bar is hidden behind it
-    ax.legend(ncol=len(DATASETS), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    ax.legend(ncol=len(DATASETS) + 1, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
