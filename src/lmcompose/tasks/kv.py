@@ -39,9 +39,10 @@ class KVTaskConfig:
     # None: unique values 1..N_KV (paper). Else values 1..value_max, each given to N_KV/value_max keys.
     # Quick: 19. Over 100 unique number tokens a 4-layer anchor reached 66% in 4 minutes, and a composition fitted on
     # 20 held-in values never generalised to the 80 unseen ones (experiments/kv/LOG.md runs 1-5), hence a small
-    # shared range. 19 rather than 9: a key-blind anchor can at best guess 4.6% of KV-MATH answers over 1..19 (9.7%
-    # over 1..9, where m_B scored 4.8-9.4%), so m_B's floor stays under the target's 5%. With 400 keys every value
-    # has ~21 keys, 4 of them held in, as with 200 keys over 1..9 (LOG.md runs 17, 55).
+    # shared range. 19 rather than 9: a key-blind anchor can at best guess 4.5% of KV-MATH answers over 1..19 (9.6%
+    # over 1..9, where m_B scored 4.8-9.4%; KVRepository.key_blind_ceiling), so m_B's floor stays under the
+    # target's 5%. With 400 keys every value has ~21 keys, 4 of them held in, as with 200 keys over 1..9 (LOG.md
+    # runs 17, 55).
     value_max: Optional[int] = 19
     min_key_chars: int = 2  # shortest key string (paper: 2)
     max_key_chars: int = 6  # longest key string (paper: 6)
@@ -53,8 +54,9 @@ class KVTaskConfig:
     # fraction of keys that composition data D_C may use (paper: 20%); evaluation uses only the others.
     held_in_fraction: float = 0.2
     # held-out evaluation expressions (each gives one KV-SUBS/KV-MATH/NUM-MATH triple). 2000: a key-blind model's
-    # best guess rate on KV-MATH (~4.5% here) then has a standard error of ~0.5 points instead of ~0.9 with 500,
-    # so the "< 5%" target measures the model, not the sample (LOG.md run 58); evaluation takes seconds per row.
+    # best guess rate on KV-MATH (4.53% in the quick task, see key_blind_ceiling) then has a standard error of ~0.5
+    # points instead of ~0.9 with 500, so the "< 5%" target measures the model, not the sample (experiments/kv/LOG.md
+    # run 58); evaluation takes seconds per row.
     num_eval: int = 2000
     seed: int = 0  # seed of keys, values, split and every sampled expression
 
@@ -172,7 +174,7 @@ class KVRepository:
         """The best held-out KV-MATH exact match (%) of a model that cannot tell keys apart, or None if too costly.
 
         Such a model sees only the operators, so its best answer for each operator pattern is the likeliest value of
-        that pattern over held-out keys: the floor a base model that does not know the keys can reach by guessing.
+        that pattern over held-out keys: what a base model that does not know the keys reaches at best by guessing.
         Exact, for expressions drawn as :meth:`expressions` draws them (distinct keys, uniform operand count and
         operators); it enumerates operand values, so it returns None when that exceeds ``max_tuples``.
         """

@@ -28,9 +28,10 @@ class KVPipelineConfig:
 
     task: KVTaskConfig = field(default_factory=KVTaskConfig)
     # anchor m_B: knows arithmetic (NUM-MATH), never sees a key. 4x128 learns NUM-MATH over 1..19 to ~80% in 4000
-    # steps and to ~98% in 8000 with the embedding noise below (LOG.md runs 55, 56a; over 1..9 it needed 2000-3000
-    # steps). 8000: CALM then keeps NUM-MATH within 2 points of m_B instead of finishing the anchor's arithmetic
-    # (run 58); it costs ~4.5 min more from scratch, on the core the augment's training leaves idle after 1.5 min.
+    # steps and to 93.7-98.1% in 8000 with the embedding noise below (LOG.md runs 55, 58; over 1..9 it needed
+    # 2000-3000 steps). 8000: CALM's NUM-MATH is then 1.9-6.0 points above m_B's (14-21 after 4000 steps: D_C's
+    # NUM-MATH finishes an unfinished anchor's arithmetic), for ~4.5 min more from scratch (70 ms a step, on the core
+    # that the augment's training leaves idle after 1.5 min). lr 2e-3 finished it no faster (run 58a).
     anchor_layers: int = 4
     anchor_hidden: int = 128
     anchor_heads: int = 4
@@ -47,7 +48,7 @@ class KVPipelineConfig:
     # stays at 100% and held-out KV-MATH reaches 48.4% in 600 steps, vs 37.2% and NUM-MATH -10 points without noise
     # (LOG.md run 41); more noise made the anchor easier still to compose with while the augment was under-trained
     # (LOG.md runs 47-49). Over 1..19: 1.0 with 4000 steps gives m_B 79.8% NUM-MATH and CALM 99.8%, 1.5 with 5000
-    # steps 76.2% and 99.6% (LOG.md run 55); 1.0 with 8000 steps 98.2% and 100% (run 56a).
+    # steps 76.2% and 99.6% (LOG.md run 55); 1.0 with 8000 steps 98.1% and 100% (run 58).
     anchor_embedding_noise: float = 1.0
     # augment m_A: memorises keys (KV-SUBS over all keys), no arithmetic. 2x96 reaches 100% in 400 steps, but trained
     # on, its states keep each key's value cleaner of the other keys in the prompt, and composition generalises far

@@ -27,8 +27,8 @@ def markdown(results: dict[str, Any]) -> str:
         "",
     ]
     if results.get("key_blind_kv_math") is not None:
-        lines += [f"A model that cannot tell keys apart can expect at most {results['key_blind_kv_math']:.1f}% on KV-MATH "
-                  "(the likeliest answer of each operator pattern).", ""]
+        lines += [f"A model that cannot tell keys apart can expect at most {results['key_blind_kv_math']:.1f}% "
+                  "on KV-MATH (the likeliest answer of each operator pattern).", ""]
     lines += [
         "| model | " + " | ".join(DATASETS) + " | trainable params | paper (" + " / ".join(DATASETS) + ") |",
         "|---|" + "---|" * (len(DATASETS) + 2),
