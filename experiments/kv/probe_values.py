@@ -47,15 +47,12 @@ def main() -> None:
         vocab = tok.get_vocab()
         ids = torch.tensor([[tok.bos_token_id, vocab[k], vocab["+"]] for k in keys])
         with torch.no_grad():
-            states = augment(ids, output_hidden_states=True).hidden_states  # embeddings, block 0, block 1
-        parts = []
-        for layer, h in enumerate(states[:1]):
-            x = h[:, 1]  # (keys, D_A) at the key's position
-            probe = ridge_probe(x[held_in], values[held_in], x[~held_in], values[~held_in], repo.config.value_range)
-            centred = h[:, 1] - h[:, 1].mean(0)
-            means = torch.stack([centred[values == v].mean(0) for v in values.unique()])[values]
-            between = means.pow(2).sum() / centred.pow(2).sum() * 100
-            parts.append(f"layer {layer}: probe {probe:.1f}% between-value variance {between:.0f}%")
+            x = augment(ids, output_hidden_states=True).hidden_states[0][:, 1]  # (keys, D_A) embedding at the key
+        probe = ridge_probe(x[held_in], values[held_in], x[~held_in], values[~held_in], repo.config.value_range)
+        centred = x - x.mean(0)
+        means = torch.stack([centred[values == v].mean(0) for v in values.unique()])[values]
+        between = means.pow(2).sum() / centred.pow(2).sum() * 100
+        parts = [f"layer 0: probe {probe:.1f}% between-value variance {between:.0f}%"]
         parts += in_context(augment, tok, repo)
         print(folder, "|", "; ".join(parts), flush=True)
 

@@ -187,10 +187,12 @@ class KVRepository:
         arities = range(cfg.min_operands, cfg.max_operands + 1)
         for n in arities:
             ordered_keys = math.perm(len(self.held_out), n)  # ordered tuples of distinct keys
+            # operand values, each with its number of ordered tuples of distinct keys (the same for every pattern)
+            tuples = [(operands, math.prod(math.perm(counts[v], m) for v, m in Counter(operands).items()))
+                      for operands in itertools.product(values, repeat=n)]
             for ops in itertools.product(cfg.operators, repeat=n - 1):
                 answers: Counter = Counter()
-                for operands in itertools.product(values, repeat=n):
-                    ways = math.prod(math.perm(counts[v], m) for v, m in Counter(operands).items())
+                for operands, ways in tuples:
                     answers[evaluate(operands, ops)] += ways
                 pattern = 1 / (len(arities) * len(cfg.operators) ** (n - 1))
                 ceiling += pattern * max(answers.values()) / ordered_keys

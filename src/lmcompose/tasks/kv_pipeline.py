@@ -73,7 +73,7 @@ class KVPipelineConfig:
     compose_heads: Optional[int] = 32
     # steps of CALM and of CALM with a random m_A (the matched control, same steps). Quick: 1500, what fits the
     # 5-minute budget with cached bases (two processes, ~0.13 s per step each on a 2-core CPU). With the preset's
-    # bases CALM reaches 99.0-99.8% held-out on seeds 0-3 (LOG.md run 56); with weaker augments accuracy still rose
+    # bases CALM reaches 99.4-100% held-out on seeds 0-3 (LOG.md run 58); with weaker augments accuracy still rose
     # with more steps.
     compose_steps: int = 1500
     # steps of LoRA and full fine-tuning on D_C; None: compose_steps. Quick: 750 (keeps the cached run under 5
