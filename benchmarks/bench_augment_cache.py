@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from lmcompose import ComposedModel
-from lmcompose.data import TokenizedDataset
-from lmcompose.models import tiny_causal_lm
-from lmcompose.run_log import read_metrics
-from lmcompose.training import TrainingConfig, train
+from lmcompose.io.datasets import TokenizedDataset
+from lmcompose.testing import tiny_causal_lm
+from lmcompose.train.run_log import read_metrics
+from lmcompose.train.recipe import TrainingConfig, train
 
 VOCAB = 256
 

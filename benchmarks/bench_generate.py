@@ -24,8 +24,8 @@ import torch
 
 from common import interleaved_medians, machine, table
 from lmcompose import ComposedModel, CompositionConfig
-from lmcompose.generation import greedy_full_recompute
-from lmcompose.models import tiny_causal_lm
+from lmcompose.model.generation import greedy_full_recompute
+from lmcompose.testing import tiny_causal_lm
 
 
 def build(args: argparse.Namespace):

@@ -31,8 +31,9 @@ import torch
 from torch import nn
 
 from common import TensorMemory, interleaved_medians, machine, table
-from lmcompose import ComposedModel, CompositionConfig, introspect
-from lmcompose.models import tiny_causal_lm
+from lmcompose import ComposedModel, CompositionConfig
+from lmcompose.core import introspect
+from lmcompose.testing import tiny_causal_lm
 
 CASES = ("composed", "composed-recompute", "floor", "lora", "calm-pytorch")
 

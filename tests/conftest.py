@@ -11,7 +11,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 import pytest
 import torch
 
-from lmcompose.models import tiny_causal_lm
+from lmcompose.testing import tiny_causal_lm
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -122,7 +122,7 @@ def tok():
 @pytest.fixture(scope="module")
 def data(tok):
     """14 reverse-a-word prompt/completion examples, tokenized."""
-    from lmcompose.data import tokenize_records
+    from lmcompose.io.datasets import tokenize_records
     from tiny_bases import reverse_records
 
     return tokenize_records(reverse_records(14, seed=0), tok)

@@ -13,7 +13,7 @@ import torch
 
 torch.set_num_threads(1)
 
-import lmcompose.training as training  # noqa: E402
+import lmcompose.train.recipe as training  # noqa: E402
 from lmcompose.cli import main  # noqa: E402
 
 out = Path(sys.argv[1])

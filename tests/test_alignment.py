@@ -3,10 +3,10 @@ import torch
 
 from conftest import byte_bpe_tokenizer, char_tokenizer, randomize_composition
 from lmcompose import ComposedModel, CompositionConfig
-from lmcompose.alignment import REPLACEMENT, align_batch, anchor_token_ends, settled_cut
-from lmcompose.generation import greedy_full_recompute
-from lmcompose.masking import positions_from_mask
-from lmcompose.models import tiny_causal_lm
+from lmcompose.core.alignment import REPLACEMENT, align_batch, anchor_token_ends, settled_cut
+from lmcompose.model.generation import greedy_full_recompute
+from lmcompose.core.masking import positions_from_mask
+from lmcompose.testing import tiny_causal_lm
 
 TEXTS = [
     "The fox",

@@ -3,11 +3,12 @@ import pytest
 import torch
 
 from lmcompose import ComposedModel, CompositionConfig
-from lmcompose.augment_cache import MANIFEST_NAME, WithAugmentStates, open_or_build_cache
-from lmcompose.data import Collator, TokenizedDataset
-from lmcompose.models import tiny_causal_lm
-from lmcompose.run_log import read_metrics
-from lmcompose.training import TrainingConfig, train
+from lmcompose.io.augment_cache import MANIFEST_NAME, WithAugmentStates, open_or_build_cache
+from lmcompose.io.collate import Collator
+from lmcompose.io.datasets import TokenizedDataset
+from lmcompose.testing import tiny_causal_lm
+from lmcompose.train.run_log import read_metrics
+from lmcompose.train.recipe import TrainingConfig, train
 from tiny_bases import VOCAB, tiny_pair
 
 

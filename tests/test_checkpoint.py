@@ -6,8 +6,8 @@ import torch
 
 from conftest import randomize_composition
 from lmcompose import ComposedModel, CompositionConfig, CompositionMismatchError
-from lmcompose.checkpoint import CONFIG_NAME, WEIGHTS_NAME
-from lmcompose.models import tiny_causal_lm
+from lmcompose.io.composition_files import CONFIG_NAME, WEIGHTS_NAME
+from lmcompose.testing import tiny_causal_lm
 
 
 def bases(anchor_seed=1, augment_seed=2, **anchor_sizes):
@@ -100,7 +100,7 @@ def test_weights_that_disagree_with_the_config_are_refused(saved, tmp_path):
 def test_a_failed_write_keeps_the_previous_composition(saved, monkeypatch):
     model, path = saved
     before = (path / WEIGHTS_NAME).read_bytes()
-    import lmcompose.checkpoint as checkpoint
+    import lmcompose.io.composition_files as checkpoint
 
     def crash(*args, **kwargs):
         raise OSError("disk full")

@@ -13,13 +13,13 @@ import yaml
 from safetensors.torch import load_file
 
 from lmcompose import ComposedModel
-from lmcompose.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from lmcompose.io.composition_files import CONFIG_NAME, WEIGHTS_NAME
 from lmcompose.cli import build_parser, main, parse_options
-from lmcompose.completion import decode_new_tokens
-from lmcompose.data import encode_prompt
-from lmcompose.evaluation import chrf
-from lmcompose.models import load_base
-from lmcompose.training_state import latest_checkpoint
+from lmcompose.model.completion import decode_new_tokens
+from lmcompose.core.tokens import encode_prompt
+from lmcompose.train.evaluation import chrf
+from lmcompose.io.bases import load_base
+from lmcompose.train.checkpoints import latest_checkpoint
 from tiny_bases import reverse_task, save_bases, write_jsonl
 
 
@@ -244,7 +244,7 @@ def test_training_killed_mid_run_resumes_to_the_uninterrupted_weights(work, tmp_
 
 
 def test_demo_command_runs_the_pipeline_with_its_options_and_prints_the_table(tmp_path, monkeypatch, capsys):
-    import lmcompose.tasks.kv_pipeline as pipeline
+    import lmcompose.demos.kv.pipeline as pipeline
 
     calls = []
 

@@ -3,8 +3,8 @@ import torch
 
 from conftest import randomize_composition
 from lmcompose import ComposedModel, CompositionConfig
-from lmcompose.masking import positions_from_mask
-from lmcompose.models import tiny_causal_lm
+from lmcompose.core.masking import positions_from_mask
+from lmcompose.testing import tiny_causal_lm
 
 FAMILIES = ["llama", "gpt2", "qwen2", "gpt_neox", "phi", "opt", "falcon", "gemma"]
 
@@ -214,7 +214,7 @@ def test_errors_at_the_boundary():
 def test_folded_key_value_projection_gives_the_same_keys_values_and_gradients(bias, norm, monkeypatch):
     from torch.autograd.graph import saved_tensors_hooks
 
-    from lmcompose.cross_attention import CrossAttention
+    from lmcompose.core.cross_attention import CrossAttention
 
     torch.manual_seed(0)
     conn = CrossAttention(augment_dim=32, anchor_dim=48, num_heads=6, rotary=True, proj_bias=bias, augment_norm=norm)
@@ -249,7 +249,7 @@ def test_folded_key_value_projection_gives_the_same_keys_values_and_gradients(bi
 def test_query_recomputed_in_backward_gives_the_same_gradients_and_keeps_less(monkeypatch):
     from torch.autograd.graph import saved_tensors_hooks
 
-    from lmcompose.cross_attention import CrossAttention
+    from lmcompose.core.cross_attention import CrossAttention
 
     torch.manual_seed(0)
     conn = CrossAttention(augment_dim=32, anchor_dim=48, num_heads=6)

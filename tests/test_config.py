@@ -1,6 +1,6 @@
 import pytest
 
-from lmcompose.config import CompositionConfig, evenly_spaced, parse_connections, resolve_connections
+from lmcompose.core.config import CompositionConfig, evenly_spaced, parse_connections, resolve_connections
 
 
 def test_default_connections_follow_the_paper_every_fourth_augment_layer():

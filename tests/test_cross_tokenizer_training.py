@@ -9,16 +9,18 @@ import torch
 from conftest import byte_bpe_tokenizer, randomize_composition
 from lmcompose import ComposedModel, CompositionConfig
 from lmcompose.cli import main
-from lmcompose.data import Records, collator_for, tokenize_records
-from lmcompose.evaluation import evaluate_loss
-from lmcompose.training import TrainingConfig, train
+from lmcompose.io.collate import collator_for
+from lmcompose.io.datasets import tokenize_records
+from lmcompose.io.jsonl import Records
+from lmcompose.train.evaluation import evaluate_loss
+from lmcompose.train.recipe import TrainingConfig, train
 from tiny_bases import VOCAB, char_tokenizer, reverse_records, reverse_task, tiny_pair, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bpe_augment(seed: int = 2):
-    from lmcompose.models import tiny_causal_lm
+    from lmcompose.testing import tiny_causal_lm
 
     bpe = byte_bpe_tokenizer()
     return tiny_causal_lm("llama", vocab_size=len(bpe), hidden_size=48, num_layers=4, num_heads=4, seed=seed), bpe
@@ -105,8 +107,8 @@ def test_the_augment_state_cache_is_refused_with_another_tokenizer(tmp_path):
 
 
 def test_augment_text_longer_than_its_context_is_refused_before_training(tmp_path):
-    from lmcompose.data import DataError
-    from lmcompose.models import tiny_causal_lm
+    from lmcompose.io.jsonl import DataError
+    from lmcompose.testing import tiny_causal_lm
 
     bpe = byte_bpe_tokenizer()
     short = tiny_causal_lm("llama", vocab_size=len(bpe), hidden_size=48, num_layers=4, num_heads=4, max_positions=6)
@@ -135,8 +137,8 @@ def test_cli_trains_evaluates_and_generates_with_augment_tokenizer(tmp_path, cap
                  "--output", str(tmp_path / "eval.json")]) == 0
     reported = json.loads((tmp_path / "eval.json").read_text())["loss"]
 
-    from lmcompose.evaluation import evaluate
-    from lmcompose.models import load_base
+    from lmcompose.train.evaluation import evaluate
+    from lmcompose.io.bases import load_base
 
     (anchor, tokenizer), (augment, _) = (load_base(tmp_path / "anchor"), load_base(tmp_path / "augment", with_tokenizer=False))
     model = ComposedModel.from_composition(composition, anchor, augment, tokenizer=tokenizer, augment_tokenizer=bpe)
@@ -146,6 +148,6 @@ def test_cli_trains_evaluates_and_generates_with_augment_tokenizer(tmp_path, cap
     assert main(["generate", *bases, "--composition", composition, "--prompt", "rev abc =>",
                  "--max-new-tokens", "4"]) == 0
     streamed = capsys.readouterr().out
-    from lmcompose.completion import complete
+    from lmcompose.model.completion import complete
 
     assert streamed.strip() == complete(model, model.tokenizer, "rev abc =>", max_new_tokens=4).strip()

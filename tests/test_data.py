@@ -3,16 +3,15 @@ import logging
 import pytest
 import torch
 
-from lmcompose.data import (
-    IGNORE_INDEX,
-    Collator,
-    DataError,
-    EpochShuffleSampler,
-    TokenizedDataset,
-    adds_bos,
-    load_dataset,
-    read_jsonl,
-)
+from lmcompose.core.tokens import adds_bos
+
+from lmcompose.io.collate import Collator
+
+from lmcompose.io.datasets import IGNORE_INDEX, TokenizedDataset, load_dataset
+
+from lmcompose.io.jsonl import DataError, read_jsonl
+
+from lmcompose.train.sampler import EpochShuffleSampler
 from tiny_bases import char_tokenizer, write_jsonl
 
 
@@ -52,7 +51,7 @@ def test_truncation_is_counted_returned_and_logged(tmp_path, tok, caplog):
         {"prompt": "abcd", "completion": "efghij"},  # 12 tokens: cut, keeps completion tokens
         {"prompt": "abcdefghij", "completion": "k"},  # the prompt alone fills max_length: left out
     ]
-    with caplog.at_level(logging.WARNING, logger="lmcompose.data"):
+    with caplog.at_level(logging.WARNING, logger="lmcompose.io.datasets"):
         data = load_dataset(write_jsonl(tmp_path / "d.jsonl", records), tok, max_length=8)
     assert (data.num_truncated, data.num_dropped, len(data)) == (2, 1, 2)
     assert all(len(data[i]["input_ids"]) <= 8 for i in range(len(data)))

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmcompose.checkpoint import WEIGHTS_NAME
+from lmcompose.io.composition_files import WEIGHTS_NAME
 from lmcompose.cli import main
-from lmcompose.run_log import read_metrics
+from lmcompose.train.run_log import read_metrics
 from tiny_bases import reverse_task, save_bases, write_jsonl
 
 TESTS = Path(__file__).parent

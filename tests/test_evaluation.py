@@ -3,9 +3,10 @@ import torch
 
 from conftest import randomize_composition
 from lmcompose import ComposedModel
-from lmcompose.completion import generate_completions
-from lmcompose.data import Records, tokenize_records
-from lmcompose.evaluation import chrf, completion_scores, evaluate, exact_match
+from lmcompose.model.completion import generate_completions
+from lmcompose.io.datasets import tokenize_records
+from lmcompose.io.jsonl import Records
+from lmcompose.train.evaluation import chrf, completion_scores, evaluate, exact_match
 from tiny_bases import reverse_task, tiny_pair
 
 

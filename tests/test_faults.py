@@ -16,19 +16,14 @@ import pytest
 import torch
 
 from lmcompose import ComposedModel
-from lmcompose.checkpoint import CONFIG_NAME
+from lmcompose.io.composition_files import CONFIG_NAME
 from lmcompose.cli import main
-from lmcompose.data import DataError, TokenizedDataset
-from lmcompose.run_log import read_metrics
-from lmcompose.training import TrainingDivergedError, train
-from lmcompose.training_state import (
-    OPTIMIZER_NAME,
-    RNG_NAME,
-    DamagedCheckpointError,
-    complete_checkpoints,
-    load_checkpoint_files,
-    verify_checkpoint,
-)
+from lmcompose.io.datasets import TokenizedDataset
+from lmcompose.io.jsonl import DataError
+from lmcompose.train.run_log import read_metrics
+from lmcompose.train.recipe import TrainingDivergedError, train
+
+from lmcompose.train.checkpoints import OPTIMIZER_NAME, RNG_NAME, DamagedCheckpointError, complete_checkpoints, load_checkpoint_files, verify_checkpoint
 from tiny_bases import composition_weights as weights
 from tiny_bases import reverse_task, save_bases, tiny_pair, write_jsonl
 from tiny_bases import train_config as config
@@ -61,8 +56,8 @@ def assert_every_checkpoint_loads(run):
 
 def _child_train(run, data, cfg, kill_point):
     """In a forked child: resume the run (or start it); with kill_point, SIGKILL itself at that point."""
-    import lmcompose.checkpoint as checkpoint_module
-    import lmcompose.training_state as state_module
+    import lmcompose.io.composition_files as checkpoint_module
+    import lmcompose.train.checkpoints as state_module
 
     torch.set_num_threads(1)
 
@@ -83,7 +78,7 @@ def _child_train(run, data, cfg, kill_point):
     if kill_point == "writing the scheduler state of the 3rd checkpoint":  # mid-write of the temporary directory
         on_call(state_module, "atomic_write", 3, lambda n, nth, a: str(a[0]).endswith("scheduler.pt") and n >= 7)
     elif kill_point == "after publishing a checkpoint, before deleting the oldest":
-        on_call(state_module, "_remove_dir", 2, lambda n, nth, a: n == nth)
+        on_call(state_module, "remove_directory", 2, lambda n, nth, a: n == nth)
     elif kill_point == "halfway through deleting the oldest checkpoint":
         def half_delete(n, nth, args):
             path = Path(args[0])
@@ -164,7 +159,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_refuses_unsafe_pickles(tmp
     assert not (tmp_path / "pwned").exists()
 
     shutil.rmtree(tmp_path / "composition")
-    with caplog.at_level("WARNING", logger="lmcompose.training"):
+    with caplog.at_level("WARNING", logger="lmcompose.train.recipe"):
         result = train(composed(), data, None, cfg, tmp_path, resume=True)
     assert result.resumed_from.name == "step-2" and result.step == 4
     assert "skipping checkpoint" in caplog.text and "step-4" in caplog.text and "step-3" in caplog.text
@@ -307,8 +302,8 @@ def test_a_diverged_cli_run_exits_1_naming_the_step(cli_work, tmp_path, monkeypa
 
 
 def test_examples_longer_than_the_context_are_refused_naming_file_and_line(tmp_path, tok, monkeypatch):
-    from lmcompose.data import load_dataset
-    from lmcompose.models import tiny_causal_lm
+    from lmcompose.io.datasets import load_dataset
+    from lmcompose.testing import tiny_causal_lm
     from tiny_bases import VOCAB
 
     rows = [{"text": "ab"}, {"text": "abc " * 3}, {"text": "a"}]
@@ -346,7 +341,7 @@ def test_cli_refuses_a_too_long_generation_and_bad_augment_tokenizer_flags(cli_w
 
 def test_trust_remote_code_is_off_unless_the_flag_is_given(monkeypatch, tmp_path):
     import lmcompose.cli as cli
-    import lmcompose.models as models
+    import lmcompose.io.bases as models
 
     seen = []
 
@@ -377,7 +372,7 @@ def test_composition_json_that_disagrees_with_its_weights_is_refused(tmp_path):
 
 
 def test_jsonl_bytes_that_are_not_text_are_named_by_file_and_line(tmp_path):
-    from lmcompose.data import read_jsonl
+    from lmcompose.io.jsonl import read_jsonl
 
     (tmp_path / "folder.jsonl").mkdir()
     with pytest.raises(DataError, match=r"folder\.jsonl: no such data file \(it is a directory\)"):

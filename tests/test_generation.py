@@ -3,8 +3,8 @@ import torch
 
 from conftest import randomize_composition
 from lmcompose import ComposedModel, CompositionConfig
-from lmcompose.generation import greedy_full_recompute
-from lmcompose.models import tiny_causal_lm
+from lmcompose.model.generation import greedy_full_recompute
+from lmcompose.testing import tiny_causal_lm
 
 
 def composed(anchor_family="llama", augment_family="llama", dtype=torch.float32, randomize=True, **config):

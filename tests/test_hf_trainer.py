@@ -1,7 +1,8 @@
 import torch
 
 from lmcompose import ComposedModel
-from lmcompose.data import Collator, TokenizedDataset
+from lmcompose.io.collate import Collator
+from lmcompose.io.datasets import TokenizedDataset
 from tiny_bases import VOCAB, tiny_pair
 
 

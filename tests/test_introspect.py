@@ -2,8 +2,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaModel
 
-from lmcompose import introspect
-from lmcompose.models import TINY_FAMILIES, tiny_causal_lm
+from lmcompose.core import introspect
+from lmcompose.testing import TINY_FAMILIES, tiny_causal_lm
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)

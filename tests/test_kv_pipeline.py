@@ -4,8 +4,8 @@ import json
 
 import torch
 
-from lmcompose.tasks.kv import KVRepository, KVTaskConfig
-from lmcompose.tasks.kv_pipeline import KVPipelineConfig, lora_rank_for, paper_config, quick_config, run_demo
+from lmcompose.demos.kv.task import KVRepository, KVTaskConfig
+from lmcompose.demos.kv.pipeline import KVPipelineConfig, lora_rank_for, paper_config, quick_config, run_demo
 
 
 def tiny_config(workers: int = 2) -> KVPipelineConfig:
@@ -46,8 +46,8 @@ def test_pipeline_end_to_end_then_cached(tmp_path):
 
 
 def test_the_anchor_reads_every_key_as_unknown(tmp_path):
-    from lmcompose.tasks.kv import KVRepository
-    from lmcompose.tasks.kv_pipeline import load_or_train_bases
+    from lmcompose.demos.kv.task import KVRepository
+    from lmcompose.demos.kv.pipeline import load_or_train_bases
 
     config = tiny_config(workers=1)
     repo = KVRepository(config.task)
@@ -64,8 +64,8 @@ def test_the_anchor_reads_every_key_as_unknown(tmp_path):
 
 
 def test_bases_are_the_same_trained_side_by_side_or_in_turn(tmp_path):
-    from lmcompose.tasks.kv import KVRepository
-    from lmcompose.tasks.kv_pipeline import load_or_train_bases
+    from lmcompose.demos.kv.task import KVRepository
+    from lmcompose.demos.kv.pipeline import load_or_train_bases
 
     configs = {w: tiny_config(workers=w) for w in (1, 2)}
     repo = KVRepository(configs[1].task)
@@ -78,7 +78,7 @@ def test_bases_are_the_same_trained_side_by_side_or_in_turn(tmp_path):
 
 
 def test_lora_rank_matches_the_budget_and_presets_differ():
-    from lmcompose.models import tiny_causal_lm
+    from lmcompose.testing import tiny_causal_lm
 
     model = tiny_causal_lm("llama", vocab_size=50, hidden_size=32, num_layers=2, num_heads=2)
     per_rank = lora_rank_for(model, 10**9) and sum(
@@ -91,7 +91,7 @@ def test_lora_rank_matches_the_budget_and_presets_differ():
 
 
 def test_worker_count_follows_cores_and_threads(monkeypatch):
-    from lmcompose.tasks.kv_pipeline import workers_for
+    from lmcompose.demos.kv.pipeline import workers_for
 
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     assert workers_for(KVPipelineConfig(threads=1)) == 4  # one per D_C row at most
@@ -102,8 +102,8 @@ def test_worker_count_follows_cores_and_threads(monkeypatch):
 
 
 def test_embedding_noise_only_while_training_and_gone_once_removed():
-    from lmcompose.models import tiny_causal_lm
-    from lmcompose.tasks.kv_pipeline import embedding_noise
+    from lmcompose.testing import tiny_causal_lm
+    from lmcompose.demos.kv.pipeline import embedding_noise
 
     model = tiny_causal_lm("llama", vocab_size=50, hidden_size=32, num_layers=2, num_heads=2)
     ids = torch.randint(0, 50, (2, 6))
@@ -118,12 +118,12 @@ def test_embedding_noise_only_while_training_and_gone_once_removed():
 
 
 def test_demo_seed_seeds_the_task_and_the_models(tmp_path, monkeypatch):
-    import lmcompose.tasks.kv_pipeline as pipeline
+    import lmcompose.demos.kv.pipeline as pipeline
 
     seen = []
     monkeypatch.setattr(pipeline, "run_experiment", lambda config, cache_dir, log=None: seen.append(config) or {
         "rows": {}, "config": config.to_dict(), "seconds": {}, "bases": {}})
-    monkeypatch.setattr("lmcompose.tasks.kv_report.write_report", lambda results, out: None)
+    monkeypatch.setattr("lmcompose.demos.kv.report.write_report", lambda results, out: None)
     for preset in ("quick", "paper"):
         run_demo(str(tmp_path), preset=preset, progress=False, seed=3)
     run_demo(str(tmp_path), progress=False)

@@ -6,16 +6,7 @@ from collections import Counter
 
 import pytest
 
-from lmcompose.tasks.kv import (
-    Expression,
-    KVRepository,
-    KVTaskConfig,
-    answer_text,
-    build_tokenizer,
-    evaluate,
-    parse_answer,
-    paper_task,
-)
+from lmcompose.demos.kv.task import Expression, KVRepository, KVTaskConfig, answer_text, build_tokenizer, evaluate, parse_answer, paper_task
 
 CONFIGS = [
     KVTaskConfig(),  # quick scale: values 1..19 shared by many keys

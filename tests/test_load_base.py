@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from lmcompose.models import load_base, tiny_causal_lm
+from lmcompose.io.bases import load_base
+
+from lmcompose.testing import tiny_causal_lm
 from tiny_bases import VOCAB, char_tokenizer
 
 

@@ -4,8 +4,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import byte_bpe_tokenizer, char_tokenizer
-from lmcompose.alignment import REPLACEMENT, align_batch
-from lmcompose.config import CompositionConfig, parse_connections
+from lmcompose.core.alignment import REPLACEMENT, align_batch
+from lmcompose.core.config import CompositionConfig, parse_connections
 
 BPE, CHARS = byte_bpe_tokenizer(), char_tokenizer()
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

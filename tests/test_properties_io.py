@@ -16,10 +16,11 @@ from hypothesis import strategies as st
 
 import lmcompose.cli as cli
 from lmcompose import ComposedModel
-from lmcompose.checkpoint import CONFIG_NAME, CompositionMismatchError
-from lmcompose.cli_args import CliError, build_parser, parse_options
-from lmcompose.data import DataError, read_jsonl, tokenize_records
-from lmcompose.training_config import BOOLEAN_FIELDS, TrainingConfig
+from lmcompose.io.composition_files import CONFIG_NAME, CompositionMismatchError
+from lmcompose.cli.options import CliError, build_parser, parse_options
+from lmcompose.io.datasets import tokenize_records
+from lmcompose.io.jsonl import DataError, read_jsonl
+from lmcompose.train.config import BOOLEAN_FIELDS, TrainingConfig
 from tiny_bases import char_tokenizer, tiny_pair
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -3,7 +3,7 @@
 import torch
 
 from lmcompose import ComposedModel, CompositionConfig
-from lmcompose.models import tiny_causal_lm
+from lmcompose.testing import tiny_causal_lm
 
 KEYS = torch.arange(3, 35)  # 32 key tokens
 VALUES = 35 + torch.randperm(32, generator=torch.Generator().manual_seed(0))  # a secret table: key i -> value

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from lmcompose import ComposedModel
-from lmcompose.checkpoint import CONFIG_NAME, WEIGHTS_NAME
-from lmcompose.data import TokenizedDataset, tokenize_records
-from lmcompose.run_log import read_metrics
-from lmcompose.training import TrainingConfig, train
+from lmcompose.io.composition_files import CONFIG_NAME, WEIGHTS_NAME
+from lmcompose.io.datasets import TokenizedDataset, tokenize_records
+from lmcompose.train.run_log import read_metrics
+from lmcompose.train.recipe import TrainingConfig, train
 from tiny_bases import composition_weights as composition
 from tiny_bases import reverse_records, tiny_pair
 from tiny_bases import train_config as config

@@ -4,7 +4,7 @@ import json
 import random
 from pathlib import Path
 
-from lmcompose.models import tiny_causal_lm
+from lmcompose.testing import tiny_causal_lm
 
 CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 :.,-=>")
 SPECIALS = ["<s>", "</s>", "<pad>", "<unk>"]  # ids 0, 1, 2, 3: the ids tiny_causal_lm's configs use
@@ -59,8 +59,8 @@ def reverse_task(n: int, seed: int = 0):
 
 
 def reverse_records(n: int, seed: int = 0, source: str = "memory"):
-    """:func:`reverse_task` as in-memory :class:`lmcompose.data.Records` (lines numbered from 1)."""
-    from lmcompose.data import Records
+    """:func:`reverse_task` as in-memory :class:`lmcompose.io.jsonl.Records` (lines numbered from 1)."""
+    from lmcompose.io.jsonl import Records
 
     rows = reverse_task(n, seed)
     return Records("completion", rows, list(range(1, n + 1)), source)
@@ -68,7 +68,7 @@ def reverse_records(n: int, seed: int = 0, source: str = "memory"):
 
 def train_config(**overrides):
     """A TrainingConfig for the tiny bases: batch 4, lr 1e-2, CPU, a log record every step, no progress bar."""
-    from lmcompose.training import TrainingConfig
+    from lmcompose.train.recipe import TrainingConfig
 
     base = dict(batch_size=4, learning_rate=1e-2, log_every=1, progress_bar=False, cpu=True)
     base.update(overrides)

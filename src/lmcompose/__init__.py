@@ -1,10 +1,12 @@
 """lmcompose: compose frozen language models with trained cross-attention (CALM, Bansal et al. 2024)."""
 
-__version__ = "0.1.0"
+from . import _moved
+from .core.config import CompositionConfig
+from .core.cross_attention import CrossAttention
+from .io.composition_files import CompositionMismatchError
+from .model.composed import ComposedModel
+from .version import __version__
 
-from .checkpoint import CompositionMismatchError
-from .composed import ComposedModel
-from .config import CompositionConfig
-from .cross_attention import CrossAttention
+_moved.install()
 
 __all__ = ["ComposedModel", "CompositionConfig", "CompositionMismatchError", "CrossAttention", "__version__"]

@@ -6,26 +6,8 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from .data import encode_prompt, pad_token_id
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad prompts of different lengths for generation.
-
-    Args:
-        prompts: one list of ids per prompt.
-        pad_id: id put on padding.
-    Returns:
-        input_ids (B, T) and attention_mask (B, T), 0 on padding.
-    """
-    t = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), t), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), t), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        if prompt:
-            ids[row, t - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
-            mask[row, t - len(prompt) :] = 1
-    return ids, mask
+from ..core.padding import pad_rows, pad_token_id
+from ..core.tokens import encode_prompt
 
 
 def decode_new_tokens(tokenizer: Any, new_ids: Sequence[int]) -> str:
@@ -49,7 +31,7 @@ def generate_completions(
     Args:
         model: a ComposedModel (inside ``disable_composition()``: the anchor alone).
         tokenizer: the anchor's tokenizer (EOS, padding, decoding).
-        prompts: one list of ids per prompt, as :func:`lmcompose.data.encode_prompt` makes them.
+        prompts: one list of ids per prompt, as :func:`lmcompose.core.tokens.encode_prompt` makes them.
         max_new_tokens: the most new tokens, one number or one per prompt (a batch uses its largest).
         batch_size: prompts per generate call.
     Returns:
@@ -60,7 +42,7 @@ def generate_completions(
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        ids, mask = left_pad(chunk, pad_id)
+        ids, mask = pad_rows(chunk, pad_id, "left")  # (b, t) each
         device = model.device
         sequences = model.generate(
             ids.to(device),

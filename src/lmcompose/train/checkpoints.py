@@ -13,7 +13,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write, atomic_write_text
+from ..io.atomic import atomic_write, atomic_write_text, fsync_dir, remove_directory
 
 STATE_NAME = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 OPTIMIZER_NAME = "optimizer.pt"
@@ -91,41 +91,6 @@ def remove_incomplete(directory: Union[str, Path]) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def remove_stale_temporaries(directory: Union[str, Path]) -> None:
-    """Delete the ``.NAME.*.tmp`` files an atomic write cut short by a kill left in ``directory``."""
-    directory = Path(directory)
-    if directory.is_dir():
-        for p in directory.iterdir():
-            if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
-                p.unlink(missing_ok=True)
-
-
-def publish_directory(tmp: Union[str, Path], final: Union[str, Path]) -> None:
-    """Put the complete directory ``tmp`` in place of ``final``: a reader finds the old one, the new one, or none,
-    never a mix of the two (files written at different times would pass each other's size checks)."""
-    tmp, final = Path(tmp), Path(final)
-    if final.exists():
-        _remove_dir(final.parent, final)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-
-
-def remove_unpublished(directory: Union[str, Path], name: str) -> None:
-    """Delete ``.NAME.tmp-*`` and ``.NAME.old-*`` directories a kill left next to ``directory/NAME``."""
-    directory = Path(directory)
-    if directory.is_dir():
-        for p in directory.iterdir():
-            if p.is_dir() and (p.name.startswith(f".{name}.tmp-") or p.name.startswith(f".{name}.old-")):
-                shutil.rmtree(p, ignore_errors=True)
-
-
-def _remove_dir(directory: Path, path: Path) -> None:
-    """Delete a checkpoint so that a kill midway never leaves a ``step-N`` that looks complete but is not."""
-    doomed = directory / f".{path.name}.old-{os.getpid()}"
-    os.replace(path, doomed)  # atomic: from here on it is no checkpoint; remove_incomplete finishes a cut-short delete
-    shutil.rmtree(doomed)
-
-
 def save_checkpoint(
     directory: Union[str, Path],
     step: int,
@@ -164,14 +129,14 @@ def save_checkpoint(
         atomic_write(tmp / RNG_NAME, lambda t: torch.save(capture_rng_state(), t))
         atomic_write_text(tmp / STATE_NAME, json.dumps(state, indent=2))
         if final.exists():
-            _remove_dir(directory, final)
+            remove_directory(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
     for old in complete_checkpoints(directory)[:-keep_last]:
-        _remove_dir(directory, old)
+        remove_directory(old)
     return final
 
 
@@ -225,7 +190,7 @@ def verify_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .checkpoint import WEIGHTS_NAME, read_metadata
+    from ..io.composition_files import WEIGHTS_NAME, read_metadata
 
     path = Path(path)
     try:
@@ -240,11 +205,3 @@ def verify_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
     except (FileNotFoundError, ValueError, SafetensorError, OSError) as err:
         raise DamagedCheckpointError(str(err)) from None
     return files
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .cli_args import CliError, build_parser, parse_options
-from .training_config import TrainingConfig
+from .options import CliError, build_parser, parse_options
+from ..train.config import TrainingConfig
 
 __all__ = ["CliError", "build_parser", "main", "parse_options", "run_demo", "run_eval", "run_generate", "run_train"]
 
@@ -23,7 +23,7 @@ def _load(opts: argparse.Namespace) -> tuple[Any, Any, list, list]:
 
     An augment's tokenizer is the one beside its model unless ``--augment-tokenizer`` names another.
     """
-    from .models import load_base, load_tokenizer
+    from ..io.bases import load_base, load_tokenizer
 
     trust = bool(opts.trust_remote_code)
     named = list(opts.augment_tokenizer or [])
@@ -49,7 +49,7 @@ def _with_flag(flag: str, fn: Callable, *args: Any) -> Any:
 
 def _composed(opts: argparse.Namespace) -> tuple[Any, Any]:
     """The composed model for generate / eval: the saved composition, or an identity one with --no-composition."""
-    from .composed import ComposedModel
+    from ..model.composed import ComposedModel
 
     anchor, tokenizer, augments, augment_tokenizers = _load(opts)
     kwargs = {"tokenizer": tokenizer, "augment_tokenizer": augment_tokenizers}  # aligned when they differ
@@ -73,11 +73,11 @@ def run_train(opts: argparse.Namespace) -> int:
     import yaml
     from accelerate.utils import set_seed
 
-    from .checkpoint import atomic_write_text
-    from .composed import ComposedModel
-    from .config import CompositionConfig
-    from .data import load_dataset
-    from .training import train
+    from ..io.atomic import atomic_write_text
+    from ..model.composed import ComposedModel
+    from ..core.config import CompositionConfig
+    from ..io.datasets import load_dataset
+    from ..train.recipe import train
 
     anchor, tokenizer, augments, augment_tokenizers = _load(opts)
     composition = CompositionConfig(
@@ -136,10 +136,10 @@ def run_generate(opts: argparse.Namespace) -> int:
     """``lmcompose generate``: the completion streams to stdout."""
     from transformers import TextStreamer
 
-    from .completion import complete
+    from ..model.completion import complete
 
-    from .data import encode_prompt
-    from .input_checks import composed_context_length
+    from ..core.tokens import encode_prompt
+    from ..io.input_checks import composed_context_length
 
     model, tokenizer = _composed(opts)
     limit, role = composed_context_length(model)
@@ -164,11 +164,11 @@ def run_generate(opts: argparse.Namespace) -> int:
 
 def run_eval(opts: argparse.Namespace) -> int:
     """``lmcompose eval``: prints a table; ``--output`` also writes JSON."""
-    from .checkpoint import atomic_write_text
-    from .data import load_dataset
-    from .evaluation import evaluate, format_table
+    from ..io.atomic import atomic_write_text
+    from ..io.datasets import load_dataset
+    from ..train.evaluation import evaluate, format_table
 
-    from .input_checks import check_example_lengths
+    from ..io.input_checks import check_example_lengths
 
     model, tokenizer = _composed(opts)
     data = _with_flag("--data", load_dataset, opts.data, tokenizer, opts.max_length)
@@ -190,7 +190,7 @@ def run_eval(opts: argparse.Namespace) -> int:
 
 def run_demo(opts: argparse.Namespace) -> int:
     """``lmcompose demo``: the paper's key-value arithmetic experiment, table printed and written to disk."""
-    from .tasks.kv_pipeline import run_demo as demo
+    from ..demos.kv.pipeline import run_demo as demo
 
     results = demo(opts.output, preset=opts.preset, progress=opts.progress, seed=opts.seed)
     table = Path(opts.output) / "results.md"
@@ -210,9 +210,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``lmcompose`` console script; returns the exit status (2 for bad input)."""
-    from .checkpoint import CompositionMismatchError
-    from .data import DataError
-    from .training_faults import TrainingDivergedError
+    from ..io.composition_files import CompositionMismatchError
+    from ..io.jsonl import DataError
+    from ..train.faults import TrainingDivergedError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if a in COMMANDS), None)

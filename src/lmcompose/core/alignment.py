@@ -21,6 +21,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from .padding import pad_rows, pad_token_id, row_slice
+
 REPLACEMENT = "\ufffd"  # what decoding shows for an incomplete UTF-8 character
 
 
@@ -164,29 +166,6 @@ def _non_decreasing(values: list[int]) -> list[int]:
     return out
 
 
-def _pad(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    width = max(len(r) for r in rows)
-    ids, mask, offsets = [], [], []
-    for r in rows:
-        gap = width - len(r)
-        if side == "left":
-            ids.append([pad_id] * gap + r)
-            mask.append([0] * gap + [1] * len(r))
-            offsets.append(gap)
-        else:
-            ids.append(r + [pad_id] * gap)
-            mask.append([1] * len(r) + [0] * gap)
-            offsets.append(0)
-    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long), offsets
-
-
-def _pad_id(tokenizer: Any) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0
-
-
 def align_batch(
     anchor_ids: Sequence[Sequence[int]],
     tokenizer: Any,
@@ -208,7 +187,7 @@ def align_batch(
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if any(len(r) == 0 for r in anchor_ids):
         raise ValueError("A text has no tokens; give non-empty texts")
-    ids, mask, anchor_offsets = _pad([list(r) for r in anchor_ids], _pad_id(tokenizer), padding_side)
+    ids, mask = pad_rows([list(r) for r in anchor_ids], pad_token_id(tokenizer), padding_side)  # (b, t) each
     texts_and_ends = [anchor_token_ends(tokenizer, list(r)) for r in anchor_ids]
     out: dict[str, Any] = {
         "input_ids": ids,
@@ -228,10 +207,11 @@ def align_batch(
             rows.append(aug_ids)
             trailing = anchor_trailing_specials(tokenizer, list(row))
             counts.append(settled_limits(augment_tokenizer, text, anchor_ends, aug_ids, trailing))
-        aug_ids, aug_mask, aug_offsets = _pad(rows, _pad_id(augment_tokenizer), padding_side)
-        limits = torch.zeros_like(ids)
-        for b, (count, a_off, g_off) in enumerate(zip(counts, anchor_offsets, aug_offsets)):
-            limits[b, a_off : a_off + len(count)] = torch.tensor(count, dtype=torch.long) + g_off
+        aug_ids, aug_mask = pad_rows(rows, pad_token_id(augment_tokenizer), padding_side)  # (b, s) each
+        limits = torch.zeros_like(ids)  # (b, t): an augment index counts the augment's own padding in front
+        for b, (count, row) in enumerate(zip(counts, rows)):
+            front = row_slice(len(row), aug_ids.shape[1], padding_side).start
+            limits[b, row_slice(len(count), ids.shape[1], padding_side)] = torch.tensor(count, dtype=torch.long) + front
         out["augment_input_ids"].append(aug_ids)
         out["augment_attention_mask"].append(aug_mask)
         out["augment_limits"].append(limits)

@@ -14,20 +14,21 @@ from typing import Any, Optional, Union
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .augment_cache import WithAugmentStates, open_or_build_cache
-from .data import EpochShuffleSampler, collator_for, data_fingerprint, pad_token_id
+from ..io.augment_cache import WithAugmentStates, open_or_build_cache
+from ..core.padding import pad_token_id
+from ..io.collate import collator_for
+from ..io.datasets import data_fingerprint
+from .sampler import EpochShuffleSampler
 from .evaluation import completion_scores, evaluate_loss
-from .input_checks import check_example_lengths
-from .training_faults import StopSignals, TrainingDivergedError, agree_across_ranks, stop_diverged
+from ..io.input_checks import check_example_lengths
+from .faults import StopSignals, TrainingDivergedError, agree_across_ranks, stop_diverged
 from .run_log import append_metrics, plot_losses, read_metrics, truncate_metrics
-from .training_config import TrainingConfig
-from .training_state import (
+from .config import TrainingConfig
+from ..io.atomic import publish_directory, remove_stale_temporaries, remove_unpublished
+from .checkpoints import (
     DamagedCheckpointError,
     complete_checkpoints,
-    publish_directory,
     remove_incomplete,
-    remove_stale_temporaries,
-    remove_unpublished,
     restore_rng_state,
     save_checkpoint,
     verify_checkpoint,
@@ -128,7 +129,7 @@ def _resume_state(
     model: Any, checkpoint: Path, config: TrainingConfig, data_sha: str, num_examples: int, num_processes: int = 1
 ) -> dict[str, Any]:
     """Load the composition of ``checkpoint`` into ``model`` after checking it belongs to this run."""
-    from .composed import ComposedModel
+    from ..model.composed import ComposedModel
 
     files = verify_checkpoint(checkpoint)
     state = files["state"]

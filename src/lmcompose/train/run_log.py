@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Union
 
-from .checkpoint import atomic_write, atomic_write_text
+from ..io.atomic import atomic_write, atomic_write_text
 
 
 def append_metrics(path: Union[str, Path], record: dict[str, Any]) -> None:

@@ -19,10 +19,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from . import __version__, introspect
-from .checkpoint import atomic_write_text
-from .data import Collator, data_fingerprint
-from .masking import positions_from_mask
+from ..core import introspect
+from ..version import __version__
+from .atomic import atomic_write_text
+from .collate import Collator
+from .datasets import data_fingerprint
+from ..core.masking import positions_from_mask
 
 MANIFEST_NAME = "manifest.json"
 OFFSETS_NAME = "offsets.npy"

@@ -5,18 +5,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Sequence, Union
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__, introspect
-from .config import CompositionConfig
+from ..core import introspect
+from ..core.config import CompositionConfig
+from ..version import __version__
+from .atomic import atomic_write, atomic_write_text
 
 CONFIG_NAME = "composition_config.json"
 WEIGHTS_NAME = "composition.safetensors"
@@ -25,38 +26,6 @@ FORMAT_VERSION = 1
 
 class CompositionMismatchError(ValueError):
     """A saved composition does not fit the base models it is being loaded onto."""
-
-
-def atomic_write(path: Union[str, Path], write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then move the result to ``path``: readers see the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_text(path: Union[str, Path], text: str) -> None:
-    """Write a text file atomically."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, write)
 
 
 def composition_metadata(model: Any) -> dict[str, Any]:

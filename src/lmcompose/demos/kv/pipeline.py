@@ -14,10 +14,10 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ..composed import ComposedModel
-from ..config import CompositionConfig
-from .kv import Example, KVRepository, KVTaskConfig, build_tokenizer, num_math_example, paper_task
-from .kv_training import batches, exact_match, train_loop
+from ...model.composed import ComposedModel
+from ...core.config import CompositionConfig
+from .task import Example, KVRepository, KVTaskConfig, build_tokenizer, num_math_example, paper_task
+from .training import batches, exact_match, train_loop
 
 DATASETS = ("KV-SUBS", "NUM-MATH", "KV-MATH")
 
@@ -166,7 +166,7 @@ def evaluation_sets(repo: KVRepository) -> dict[str, list[Example]]:
 
 def new_base(config: KVPipelineConfig, vocab_size: int, role: str, seed_offset: int = 0) -> nn.Module:
     """A randomly initialised Llama of the anchor's or the augment's size."""
-    from ..models import tiny_causal_lm
+    from ...testing import tiny_causal_lm
 
     layers, hidden, heads = (
         (config.anchor_layers, config.anchor_hidden, config.anchor_heads)
@@ -461,7 +461,7 @@ def run_demo(output_dir: str, preset: str = "quick", progress: bool = True,
     Returns:
         the results dict (also in results.json).
     """
-    from .kv_report import write_report
+    from .report import write_report
 
     if config is None:
         if preset not in PRESETS:

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .training_config import SCHEDULERS, TrainingConfig
+from ..train.config import SCHEDULERS, TrainingConfig
 
 DEFAULT_MAX_LENGTH = 512
 _T = TrainingConfig  # for the defaults shown in --help
@@ -108,7 +108,7 @@ def _probability(text: str) -> float:
 
 
 def _connections(text: str) -> list:
-    from .config import parse_connections
+    from ..core.config import parse_connections
 
     try:
         return parse_connections(text)

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .completion import generate_completions
-from .data import IGNORE_INDEX, collator_for
+from ..model.completion import generate_completions
+from ..core.padding import IGNORE_INDEX
+from ..io.collate import collator_for
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

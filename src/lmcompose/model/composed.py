@@ -9,11 +9,11 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from . import introspect
-from .alignment import require_fast
-from .config import EMBEDDINGS, CompositionConfig, resolve_connections
-from .cross_attention import CrossAttention
-from .masking import cross_mask, positions_from_mask, same_position_limit
+from ..core import introspect
+from ..core.alignment import require_fast
+from ..core.config import EMBEDDINGS, CompositionConfig, resolve_connections
+from ..core.cross_attention import CrossAttention
+from ..core.masking import cross_mask, positions_from_mask, same_position_limit
 
 KeyValues = list[tuple[torch.Tensor, torch.Tensor]]  # one (keys, values) pair per connection, each (b, h, s, d)
 
@@ -409,7 +409,7 @@ class ComposedModel(nn.Module):
             augment_attention_mask (b, s) and augment_limits (b, t) (None for augments sharing the
             anchor's tokenizer). See :mod:`lmcompose.alignment`.
         """
-        from .alignment import align_batch
+        from ..core.alignment import align_batch
 
         if self.tokenizer is None:
             raise ValueError("tokenize() needs the anchor's tokenizer: ComposedModel(..., tokenizer=...)")
@@ -432,7 +432,7 @@ class ComposedModel(nn.Module):
 
     def save_composition(self, path: str) -> None:
         """Write the composition (config, base fingerprints, connection weights) to directory ``path``."""
-        from .checkpoint import save_composition
+        from ..io.composition_files import save_composition
 
         save_composition(self, path)
 
@@ -452,7 +452,7 @@ class ComposedModel(nn.Module):
             strict: when False, a base-model mismatch is a warning instead of an error.
             **kwargs: ``tokenizer=``, ``augment_tokenizer=`` as in the constructor.
         """
-        from .checkpoint import load_composition
+        from ..io.composition_files import load_composition
 
         return load_composition(cls, path, anchor, augment, strict=strict, **kwargs)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from .data import DataError
+from .jsonl import DataError
 
 # Config attributes that bound how many positions a model reads (GPT-2 maps max_position_embeddings to n_positions).
 _CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
@@ -65,7 +65,7 @@ def check_example_lengths(dataset: Any, model: Any, what: str = "the data") -> N
 
 def _check_augment_token_lengths(dataset: Any, model: Any, what: str) -> None:
     """The same check for augments with their own tokenizer: each text re-tokenized as the augment reads it."""
-    from .alignment import augment_tokens, decode_text
+    from ..core.alignment import augment_tokens, decode_text
 
     own = [(a, t) for a, t in enumerate(getattr(model, "augment_tokenizers", []) or []) if t is not None]
     for a, augment_tokenizer in own:

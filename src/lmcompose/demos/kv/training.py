@@ -9,7 +9,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
-from .kv import Example, parse_answer
+from ...core.padding import IGNORE_INDEX, pad_rows
+from .task import Example, parse_answer
 
 Encoded = tuple[list[int], list[int]]  # (ids, labels) of one example
 
@@ -23,14 +24,8 @@ def encode(vocab: dict[str, int], example: Example, bos: int, eos: int) -> Encod
 
 def collate(pairs: Sequence[Encoded], pad: int) -> dict[str, torch.Tensor]:
     """A right-padded training batch: ``input_ids``, ``attention_mask``, ``labels``, each (b, t)."""
-    t = max(len(ids) for ids, _ in pairs)
-    ids = torch.full((len(pairs), t), pad)
-    mask = torch.zeros((len(pairs), t), dtype=torch.long)
-    labels = torch.full((len(pairs), t), -100)
-    for r, (i, l) in enumerate(pairs):
-        ids[r, : len(i)] = torch.tensor(i)
-        mask[r, : len(i)] = 1
-        labels[r, : len(l)] = torch.tensor(l)
+    ids, mask = pad_rows([i for i, _ in pairs], pad)
+    labels, _ = pad_rows([l for _, l in pairs], IGNORE_INDEX)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
@@ -112,12 +107,8 @@ def exact_match(
     for s in range(0, len(examples), batch_size):
         chunk = examples[s : s + batch_size]
         prompts = [[bos] + [vocab[w] for w in ex.prompt.split()] for ex in chunk]
-        t = max(len(p) for p in prompts)
-        ids = torch.full((len(chunk), t), pad)
-        mask = torch.zeros((len(chunk), t), dtype=torch.long)
-        for r, p in enumerate(prompts):
-            ids[r, t - len(p) :] = torch.tensor(p)
-            mask[r, t - len(p) :] = 1
+        ids, mask = pad_rows(prompts, pad, "left")  # (b, t) each
+        t = ids.shape[1]
         new = max(len(ex.target.split()) for ex in chunk) + 1
         out = generate(ids, mask, new)[:, t:]
         for row, ex in zip(out.tolist(), chunk):

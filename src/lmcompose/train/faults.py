@@ -11,7 +11,7 @@ from typing import Any, Optional
 import torch
 
 from .run_log import append_metrics
-from .training_state import latest_checkpoint
+from .checkpoints import latest_checkpoint
 
 __all__ = ["StopSignals", "TrainingDivergedError", "agree_across_ranks", "stop_diverged"]
 

@@ -12,8 +12,8 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from . import introspect
-from .masking import cross_mask, positions_from_mask
+from ..core import introspect
+from ..core.masking import cross_mask, positions_from_mask
 
 
 class CompositionCache:
@@ -324,7 +324,7 @@ class _CrossStepper:
 
     def __call__(self, sequences: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, n: int) -> torch.Tensor:
         """Advance to ``sequences`` (1, total); returns the last position's logits (1, V)."""
-        from .alignment import anchor_token_ends, anchor_trailing_specials, augment_tokens, settled_limits
+        from ..core.alignment import anchor_token_ends, anchor_trailing_specials, augment_tokens, settled_limits
 
         model = self.model
         device = sequences.device
@@ -400,7 +400,7 @@ def greedy_full_recompute(
     Returns:
         (b, t + max_new_tokens) ids (no early stop at EOS).
     """
-    from .alignment import align_batch
+    from ..core.alignment import align_batch
 
     sequences = input_ids
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
