@@ -13,13 +13,13 @@ import torch
 
 torch.set_num_threads(1)
 
-import lmcompose.train.recipe as training  # noqa: E402
+import lmcompose.train.engine as engine  # noqa: E402
 from lmcompose.cli import main  # noqa: E402
 
 out = Path(sys.argv[1])
 argv = sys.argv[sys.argv.index("--") + 1 :]
 report = {}
-prepare = training._prepare_model
+prepare = engine.prepare_model
 
 
 def spy(accelerator, model):
@@ -37,7 +37,7 @@ def spy(accelerator, model):
     return wrapped
 
 
-training._prepare_model = spy
+engine.prepare_model = spy
 code = main(argv)
 report["exit_code"] = code
 (out / f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(report))

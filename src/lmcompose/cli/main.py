@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .options import CliError, build_parser, parse_options
+from .options import CliError, build_parser, config_from, parse_options
 from ..train.config import TrainingConfig
 
 __all__ = ["CliError", "build_parser", "main", "parse_options", "run_demo", "run_eval", "run_generate", "run_train"]
@@ -80,36 +80,13 @@ def run_train(opts: argparse.Namespace) -> int:
     from ..train.recipe import train
 
     anchor, tokenizer, augments, augment_tokenizers = _load(opts)
-    composition = CompositionConfig(
-        num_connections=opts.num_connections, connections=opts.connections, num_heads=opts.num_heads
-    )
+    composition = config_from(CompositionConfig, opts)
     set_seed(opts.seed)  # the seed decides the initial connection weights too: a run is a function of its options
     model = ComposedModel(anchor, augments, composition, tokenizer=tokenizer, augment_tokenizer=augment_tokenizers,
                           checkpoint_connections=opts.checkpoint_connections)
     train_data = _with_flag("--data", load_dataset, opts.data, tokenizer, opts.max_length)
     eval_data = _with_flag("--eval-data", load_dataset, opts.eval_data, tokenizer, opts.max_length) if opts.eval_data else None
-    config = TrainingConfig(
-        seed=opts.seed,
-        learning_rate=opts.lr,
-        weight_decay=opts.weight_decay,
-        batch_size=opts.batch_size,
-        gradient_accumulation_steps=opts.grad_accum,
-        max_steps=opts.max_steps,
-        epochs=opts.epochs,
-        lr_scheduler=opts.scheduler,
-        warmup_steps=opts.warmup_steps,
-        max_grad_norm=opts.max_grad_norm,
-        mixed_precision="bf16" if opts.bf16 else "no",
-        padding_side=opts.padding_side,
-        eval_every=opts.eval_every,
-        eval_generate=opts.eval_generate,
-        save_every=opts.save_every,
-        keep_last=opts.keep_last,
-        log_every=opts.log_every,
-        cache_augment_states=opts.cache_augment_states,
-        cpu=opts.cpu,
-        progress_bar=opts.progress,
-    )
+    config = config_from(TrainingConfig, opts)
     main_process = _is_main_process()
     if main_process:
         print(model.summary(), file=sys.stderr)

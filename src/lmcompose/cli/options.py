@@ -4,36 +4,54 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..train.config import SCHEDULERS, TrainingConfig
+from ..core.config import CompositionConfig
+from ..train.config import TrainingConfig
 
 DEFAULT_MAX_LENGTH = 512
-_T = TrainingConfig  # for the defaults shown in --help
+
+
+def config_flags() -> list[tuple[Any, Any]]:
+    """(dataclass field, its config class) for every field of the training and composition configs with a flag."""
+    return [(spec, cls) for cls in (CompositionConfig, TrainingConfig) for spec in fields(cls) if spec.metadata.get("flag")]
+
+
+def flag_default(spec: Any) -> Any:
+    """The default of a field's flag: the field's, or for a switch whether the default is the switch's value."""
+    if _is_switch(spec):
+        return spec.default == spec.metadata["flag"]
+    return spec.default
+
+
+def config_from(cls: type, opts: argparse.Namespace) -> Any:
+    """A config of class ``cls`` from the parsed options: each field with a flag takes that flag's value."""
+    values = {}
+    for spec in fields(cls):
+        flag = spec.metadata.get("flag")
+        if flag is None:
+            continue
+        value = getattr(opts, flag)
+        if _is_switch(spec):  # --bf16 / --no-bf16 -> "bf16" / the other choice
+            value = flag if value else next(c for c in spec.metadata["choices"] if c != flag)
+        values[spec.name] = value
+    return cls(**values)
+
+
+def _is_switch(spec: Any) -> bool:
+    """A field of two choices whose flag is named after one of them (``--bf16`` for mixed_precision)."""
+    return spec.metadata["check"] == "choice" and spec.metadata["flag"] in spec.metadata["choices"]
+
 
 # The real default of every option: flags default to None so that "given explicitly" can be told apart.
 DEFAULTS: dict[str, dict[str, Any]] = {
     "train": {
-        "lr": _T.learning_rate,
-        "batch_size": _T.batch_size,
-        "grad_accum": _T.gradient_accumulation_steps,
-        "warmup_steps": _T.warmup_steps,
-        "scheduler": _T.lr_scheduler,
-        "weight_decay": _T.weight_decay,
-        "max_grad_norm": _T.max_grad_norm,
-        "bf16": False,
+        **{spec.metadata["flag"]: flag_default(spec) for spec, _ in config_flags() if spec.default is not None},
         "resume": False,
         "max_length": DEFAULT_MAX_LENGTH,
-        "cache_augment_states": False,
         "checkpoint_connections": False,
-        "seed": _T.seed,
-        "keep_last": _T.keep_last,
-        "log_every": _T.log_every,
-        "padding_side": _T.padding_side,
-        "cpu": False,
-        "progress": True,
-        "eval_generate": True,
     },
     "generate": {"max_new_tokens": 64, "do_sample": False, "temperature": 1.0, "no_composition": False},
     "eval": {
@@ -116,6 +134,38 @@ def _connections(text: str) -> list:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+# The argparse type of each check of a config field (lmcompose.core.fields.CHECKS); choices and switches need none.
+CONVERTERS: dict[str, Any] = {
+    "positive": lambda text: _positive(text),
+    "non_negative": lambda text: _non_negative(text),
+    "seed": lambda text: _seed(text),
+    "positive_number": lambda text: _positive_float(text),
+    "non_negative_number": lambda text: _non_negative_float(text),
+    "connections": lambda text: _connections(text),
+}
+
+
+def _config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field that names one (:func:`config_flags`), its help and check taken from the field."""
+    groups = {}
+    for pair in EXCLUSIVE:
+        group = parser.add_mutually_exclusive_group()
+        groups.update({name: group for name in pair})
+    for spec, _ in config_flags():
+        meta = spec.metadata
+        where = groups.get(meta["flag"], parser)
+        flag = "--" + meta["flag"].replace("_", "-")
+        default = flag_default(spec)
+        shown = ("on" if default else "off") if isinstance(default, bool) else default
+        help_text = meta["help"] if default is None or "default:" in meta["help"] else f"{meta['help']} (default: {shown})"
+        if meta["check"] == "bool" or _is_switch(spec):
+            where.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        elif meta["check"] == "choice":
+            where.add_argument(flag, choices=meta["choices"], help=help_text)
+        else:
+            where.add_argument(flag, type=CONVERTERS[meta["check"]], metavar=meta["metavar"], help=help_text)
+
+
 def _bases(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file (keys are the flag names, "
                    "e.g. batch_size or batch-size; paths relative to the current directory); flags given on the command line "
@@ -154,7 +204,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{demo,train,generate,eval}", parser_class=_Parser)
     sub.required = True
     d = DEFAULTS["train"]
-
     t = sub.add_parser("train", help="train a composition on JSONL data",
                        description="Train the connections between a frozen anchor and frozen augments on JSONL "
                        'data with {"prompt", "completion"} (loss on the completion) or {"text"} records.')
@@ -163,47 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-data", metavar="FILE.jsonl", help="evaluation data (JSONL): eval loss, and exact match "
                    "for prompt/completion records")
     t.add_argument("--output", metavar="DIR", help="run directory: checkpoints/, composition/, metrics.jsonl, loss.png")
-    g = t.add_mutually_exclusive_group()
-    g.add_argument("--num-connections", type=_positive, metavar="N",
-                   help="N evenly spaced connections (default: one per 4 augment layers, as in the paper)")
-    g.add_argument("--connections", type=_connections, metavar="A:B,...",
-                   help="explicit connections AUGMENT_LAYER:ANCHOR_LAYER, 0-indexed, e.g. 3:1,7:5; "
-                   "anchor layer -1 is the anchor's embeddings")
-    t.add_argument("--num-heads", type=_positive, metavar="N", help="cross-attention heads (default: the anchor's)")
-    t.add_argument("--lr", type=_positive_float, help=f"peak learning rate (default: {d['lr']})")
-    t.add_argument("--batch-size", type=_positive, metavar="N", help=f"examples per micro-batch (default: {d['batch_size']})")
-    t.add_argument("--grad-accum", type=_positive, metavar="N",
-                   help=f"micro-batches per optimiser step (default: {d['grad_accum']})")
-    g = t.add_mutually_exclusive_group()
-    g.add_argument("--max-steps", type=_positive, metavar="N", help="optimiser steps to run (default: one epoch)")
-    g.add_argument("--epochs", type=_positive, metavar="N", help="passes over the data (default: 1)")
-    t.add_argument("--warmup-steps", type=_non_negative, metavar="N", help=f"linear warmup steps (default: {d['warmup_steps']})")
-    t.add_argument("--scheduler", choices=SCHEDULERS, help=f"learning-rate decay after warmup (default: {d['scheduler']})")
-    t.add_argument("--weight-decay", type=_non_negative_float, help=f"AdamW weight decay (default: {d['weight_decay']})")
-    t.add_argument("--max-grad-norm", type=_positive_float, help=f"gradient clipping norm (default: {d['max_grad_norm']})")
-    t.add_argument("--bf16", action=argparse.BooleanOptionalAction,
-                   help="bfloat16 mixed precision through accelerate; weights stay float32 (default: off)")
     t.add_argument("--resume", action=argparse.BooleanOptionalAction,
                    help="continue from the newest complete checkpoint in --output (default: off)")
     t.add_argument("--max-length", type=_positive, metavar="N",
                    help=f"truncate examples to N tokens; the count of truncated ones is reported (default: {d['max_length']})")
-    t.add_argument("--cache-augment-states", action=argparse.BooleanOptionalAction,
-                   help="compute the frozen augments' states once and reuse them every epoch (disk, memory-mapped)")
     t.add_argument("--checkpoint-connections", action=argparse.BooleanOptionalAction,
-                   help="recompute the cross-attention in the backward pass instead of keeping its activations "
-                   "(less memory, a little more time; default: off)")
-    t.add_argument("--seed", type=_seed, help=f"seed of the data order and every RNG (default: {d['seed']})")
-    t.add_argument("--eval-every", type=_positive, metavar="N", help="evaluate every N steps (default: at the end)")
-    t.add_argument("--eval-generate", action=argparse.BooleanOptionalAction,
-                   help="score exact match of greedy completions on prompt/completion eval data (default: on)")
-    t.add_argument("--save-every", type=_positive, metavar="N",
-                   help="write a resumable checkpoint every N steps (default: none)")
-    t.add_argument("--keep-last", type=_positive, metavar="N", help=f"checkpoints kept (default: {d['keep_last']})")
-    t.add_argument("--log-every", type=_positive, metavar="N",
-                   help=f"append train metrics every N steps (default: {d['log_every']})")
-    t.add_argument("--padding-side", choices=("right", "left"), help=f"where batches are padded (default: {d['padding_side']})")
-    t.add_argument("--cpu", action=argparse.BooleanOptionalAction, help="train on the CPU even with a GPU present")
-    t.add_argument("--progress", action=argparse.BooleanOptionalAction, help="show a progress bar (default: on)")
+                   help="activation checkpointing of the connections: recompute the cross-attention in the backward "
+                   "pass instead of keeping its activations (less memory, a little more time; default: off)")
+    _config_flags(t)
 
     d = DEFAULTS["generate"]
     gen = _composed_command(sub, "generate", "complete a prompt, streaming the text to stdout",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional, Sequence
+
+from .fields import check_value, config_field
 
 Connection = tuple[int, int]  # (augment_layer, anchor_layer), 0-indexed decoder blocks
 # anchor layer -1: the anchor's embeddings, i.e. the input of its first block (the output of "block -1")
@@ -15,38 +17,31 @@ EMBEDDINGS = -1
 class CompositionConfig:
     """How an anchor and its augmenting models are connected (CALM, paper §3.1).
 
-    Every field has a default that follows the paper; leave a field at ``None`` to get it.
+    Every field has a default that follows the paper; leave a field at ``None`` to get it. Each field's help is
+    what ``lmcompose train --help`` prints for its flag.
     """
 
-    # n: evenly spaced layers in each model; None -> max(1, N_augment // 4) (paper: every 4th augment layer)
-    num_connections: Optional[int] = None
-    # explicit [(augment_layer, anchor_layer), ...]; with several augments, one such list per augment.
-    # Layer i is the output of decoder block i; anchor layer -1 is the anchor's embeddings (the input of its
-    # first block: an update there is read by every block, before any block has mixed positions)
-    connections: Optional[list] = None
-    # cross-attention heads; None -> the anchor's number of attention heads (paper)
-    num_heads: Optional[int] = None
-    # "auto" -> the anchor's own norm type (RMSNorm or LayerNorm); or "rms", "layer", "none"
-    norm: str = "auto"
-    # rotary position information between anchor queries and augment keys (beyond the paper; needs a
-    # shared tokenizer so positions agree). False keeps the paper's position-free cross-attention.
-    rotary: bool = False
-    # bias in f_proj (the augment -> anchor projection)
-    proj_bias: bool = True
+    num_connections: Optional[int] = config_field(
+        None, "N evenly spaced connections (default: one per 4 augment layers, as in the paper)", "positive",
+        flag="num_connections", optional=True, metavar="N")
+    # with several augments, one list of pairs per augment. Layer i is the output of decoder block i; anchor layer -1
+    # is the anchor's embeddings (the input of its first block: an update there is read by every block)
+    connections: Optional[list] = config_field(
+        None, "explicit connections AUGMENT_LAYER:ANCHOR_LAYER, 0-indexed, e.g. 3:1,7:5; anchor layer -1 is the "
+        "anchor's embeddings", "connections", flag="connections", optional=True, metavar="A:B,...")
+    num_heads: Optional[int] = config_field(None, "cross-attention heads (default: the anchor's)", "positive",
+                                            flag="num_heads", optional=True, metavar="N")
+    norm: str = config_field("auto", "pre-norm of each connection's inputs: auto (the base model's own kind), rms, "
+                             "layer or none", "choice", choices=("auto", "rms", "layer", "none"))
+    # beyond the paper; needs a shared tokenizer so positions agree
+    rotary: bool = config_field(False, "rotary position information between anchor queries and augment keys", "bool")
+    proj_bias: bool = config_field(True, "bias in f_proj (the augment -> anchor projection)", "bool")
     extra: dict = field(default_factory=dict)  # free-form user metadata, saved with the composition
 
     def __post_init__(self) -> None:
-        if self.num_connections is not None and (
-            not isinstance(self.num_connections, int) or self.num_connections < 1
-        ):
-            raise ValueError(f"num_connections must be a positive integer, got {self.num_connections!r}")
-        if self.num_heads is not None and (not isinstance(self.num_heads, int) or self.num_heads < 1):
-            raise ValueError(f"num_heads must be a positive integer, got {self.num_heads!r}")
-        if self.norm not in ("auto", "rms", "layer", "none"):
-            raise ValueError(f"norm must be one of 'auto', 'rms', 'layer', 'none'; got {self.norm!r}")
-        for name in ("rotary", "proj_bias"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for spec in fields(self):
+            if spec.name != "extra":
+                setattr(self, spec.name, check_value(spec, getattr(self, spec.name)))
         if self.connections is not None and self.num_connections is not None:
             raise ValueError("Give either num_connections or connections, not both.")
         if self.connections is not None:

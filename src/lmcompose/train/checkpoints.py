@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -14,12 +15,16 @@ import numpy as np
 import torch
 
 from ..io.atomic import atomic_write, atomic_write_text, fsync_dir, remove_directory
+from ..model.composed import ComposedModel
+from .config import TrainingConfig
 
 STATE_NAME = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 OPTIMIZER_NAME = "optimizer.pt"
 SCHEDULER_NAME = "scheduler.pt"
 RNG_NAME = "rng_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+logger = logging.getLogger(__name__)
 
 
 class DamagedCheckpointError(ValueError):
@@ -205,3 +210,53 @@ def verify_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
     except (FileNotFoundError, ValueError, SafetensorError, OSError) as err:
         raise DamagedCheckpointError(str(err)) from None
     return files
+
+
+def restore_composition(
+    model: Any, checkpoint: Path, config: TrainingConfig, data_sha: str, num_examples: int, num_processes: int = 1
+) -> dict[str, Any]:
+    """Load the composition of ``checkpoint`` into ``model`` after checking it belongs to this run.
+
+    Returns:
+        the checkpoint's other files, as :func:`load_checkpoint_files` reads them.
+    Raises:
+        ValueError: the checkpoint was written by another launch, config, data or set of connections.
+    """
+    files = verify_checkpoint(checkpoint)
+    state = files["state"]
+    if state.get("num_processes", 1) != num_processes:  # the data position counts each process's micro-batches
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: it was written by a run on {state.get('num_processes', 1)} "
+            f"process(es), this one has {num_processes}; launch it with as many processes as before"
+        )
+    differences = config.trajectory_differences(TrainingConfig.from_dict(state["config"]))
+    if differences:
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: the training config differs from the checkpoint's "
+            f"(checkpoint != now): {'; '.join(differences)}"
+        )
+    if state["num_examples"] != num_examples or state["data_sha256"] != data_sha:
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: the training data differ from the data it was trained on "
+            f"({state['num_examples']} examples then, {num_examples} now)"
+        )
+    saved = ComposedModel.from_composition(checkpoint, model.anchor, list(model.augments))
+    if saved.resolved_connections != model.resolved_connections:
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: it connects layers {saved.resolved_connections}, "
+            f"the model {model.resolved_connections}"
+        )
+    model.connections.load_state_dict(saved.connections.state_dict())
+    return files
+
+
+def newest_readable(checkpoints: Path) -> Optional[Path]:
+    """The newest checkpoint whose files all read; damaged newer ones are skipped with a warning."""
+    for path in reversed(complete_checkpoints(checkpoints)):
+        try:
+            verify_checkpoint(path)
+        except DamagedCheckpointError as err:
+            logger.warning("skipping checkpoint %s: %s", path, err)
+            continue
+        return path
+    return None

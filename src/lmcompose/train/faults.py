@@ -8,12 +8,10 @@ import threading
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
 from .run_log import append_metrics
 from .checkpoints import latest_checkpoint
 
-__all__ = ["StopSignals", "TrainingDivergedError", "agree_across_ranks", "stop_diverged"]
+__all__ = ["StopSignals", "TrainingDivergedError", "stop_diverged"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,18 +61,6 @@ class StopSignals:
 
     def __exit__(self, *exc: Any) -> None:
         self._restore()
-
-
-def agree_across_ranks(accelerator: Any, nonfinite: torch.Tensor, received: Optional[int]) -> tuple[bool, Optional[int]]:
-    """Once per optimiser step: did any rank see a NaN/inf loss, and did any get a stop signal (all ranks agree)."""
-    if accelerator.num_processes == 1:
-        return bool(nonfinite), received
-    import torch.distributed as dist
-
-    flags = torch.stack([nonfinite.float(), torch.full((), float(received or 0), device=nonfinite.device)])
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    diverged, signum = flags.tolist()
-    return diverged > 0, int(signum) or None
 
 
 def stop_diverged(step: int, epoch: int, checkpoints: Path, metrics_file: Optional[Path]) -> None:

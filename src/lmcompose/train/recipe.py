@@ -1,4 +1,9 @@
-"""The training loop (on accelerate): AdamW over the composition only, checkpoints, resume, metrics, plot."""
+"""The training recipe of a composition as named steps: setup, one step, evaluate, save, the loop, finish.
+
+AdamW over the connections only (on accelerate), warmup then decay, gradient accumulation and clipping,
+periodic evaluation and checkpoints, exact resume, ``metrics.jsonl`` and a loss plot. :func:`train` runs one
+:class:`Recipe`; everything that changes while it runs is in its :class:`RunState`.
+"""
 
 from __future__ import annotations
 
@@ -9,32 +14,34 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..io.augment_cache import WithAugmentStates, open_or_build_cache
 from ..core.padding import pad_token_id
+from ..io.atomic import publish_directory, remove_stale_temporaries, remove_unpublished
+from ..io.augment_cache import WithAugmentStates, open_or_build_cache
 from ..io.collate import collator_for
 from ..io.datasets import data_fingerprint
-from .sampler import EpochShuffleSampler
-from .evaluation import completion_scores, evaluate_loss
 from ..io.input_checks import check_example_lengths
-from .faults import StopSignals, TrainingDivergedError, agree_across_ranks, stop_diverged
-from .run_log import append_metrics, plot_losses, read_metrics, truncate_metrics
-from .config import TrainingConfig
-from ..io.atomic import publish_directory, remove_stale_temporaries, remove_unpublished
+from . import engine
 from .checkpoints import (
     DamagedCheckpointError,
     complete_checkpoints,
+    newest_readable,
     remove_incomplete,
+    restore_composition,
     restore_rng_state,
     save_checkpoint,
-    verify_checkpoint,
 )
+from .config import TrainingConfig
+from .evaluation import completion_scores, evaluate_loss
+from .faults import StopSignals, TrainingDivergedError, stop_diverged
+from .run_log import append_metrics, plot_losses, read_metrics, truncate_metrics
+from .sampler import EpochShuffleSampler
 
-__all__ = ["TrainingConfig", "TrainingDivergedError", "TrainingResult", "train"]
+__all__ = ["Recipe", "RunState", "TrainingConfig", "TrainingDivergedError", "TrainingResult", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,107 +75,354 @@ class TrainingResult:
     checkpoint: Optional[Path] = None
 
 
-def _accelerator(config: TrainingConfig) -> Any:
-    """An Accelerator for this config; accelerate's process-wide state is reset when its precision differs."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
+@dataclass
+class RunState:
+    """Everything that changes while a run goes: where it is (what a checkpoint records) and the logging window."""
 
-    state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision") not in (None, config.mixed_precision):
-        AcceleratorState._reset_state()  # as transformers' TrainingArguments does between runs
-    return Accelerator(
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        cpu=config.cpu,
-        # by default accelerate steps the scheduler once per process at each optimiser step, so n processes
-        # would run the schedule n times faster; the loop steps it once per optimiser step instead
-        step_scheduler_with_optimizer=False,
-    )
-
-
-def _ignore_frozen_in_ddp(model: Any) -> list[str]:
-    """The names of every parameter and buffer outside the connections: DDP neither broadcasts nor buckets them.
-
-    The bases are frozen and loaded identically on every rank, so only the connections need DDP; without this
-    DDP would broadcast the whole anchor at start and its buffers before every forward.
-    """
-    names = [n for n, _ in model.named_parameters() if not n.startswith("connections.")]
-    return names + [n for n, _ in model.named_buffers() if not n.startswith("connections.")]
+    step: int = 0  # optimiser steps done
+    epoch: int = 0  # the current epoch
+    position: int = 0  # micro-batches of the current epoch consumed
+    window_losses: list = field(default_factory=list)  # micro-batch losses since the last train record
+    window_tokens: int = 0  # tokens (padding excluded) since the last train record
+    window_start: float = 0.0  # perf_counter() at the start of the window
+    epoch_start: float = 0.0  # perf_counter() at the start of the epoch
+    grad_norm: Optional[torch.Tensor] = None  # of the last optimiser step (before clipping)
+    nonfinite: Optional[torch.Tensor] = None  # () bool: this optimiser step saw a NaN/inf loss so far
+    stop: Optional[int] = None  # the signal every rank agreed to stop on
+    saved_at: Optional[Path] = None  # the checkpoint written at the last optimiser step, if any
+    last_loss: Optional[float] = None  # mean train loss of the last logged window
+    last_eval: dict = field(default_factory=dict)  # the last evaluation record
 
 
-def _prepare_model(accelerator: Any, model: Any) -> Any:
-    from torch.nn.parallel import DistributedDataParallel
+class Recipe:
+    """One training run of ``model``'s composition; see :func:`train` for the arguments and what it writes."""
 
-    kind = str(accelerator.distributed_type.name)
-    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        raise NotImplementedError(
-            f"train() runs on one process or data-parallel (DDP) processes, not under {kind}: sharding puts part of the "
-            "composition and of its optimiser state on each rank, and checkpoints are written from rank 0's view. "
-            "Launch with DDP (accelerate launch --multi_gpu or --num_processes N); see docs/distributed.md"
+    def __init__(
+        self,
+        model: Any,
+        train_dataset: Dataset,
+        eval_dataset: Optional[Dataset] = None,
+        config: Optional[TrainingConfig] = None,
+        output_dir: Union[str, Path, None] = None,
+        resume: bool = False,
+        tokenizer: Any = None,
+    ) -> None:
+        if output_dir is None:
+            raise TypeError("train() needs output_dir: the directory for checkpoints, metrics and the composition")
+        self.model = model
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.config = config or TrainingConfig()
+        self.output = Path(output_dir)
+        self.checkpoints = self.output / CHECKPOINTS_DIR
+        self.metrics_file = self.output / METRICS_NAME
+        self.resume = resume
+        self.tokenizer = tokenizer
+        self.state = RunState()
+
+    # ----------------------------------------------------------------- setup
+
+    def setup(self) -> None:
+        """Check the inputs, find the checkpoint to start from, prepare the output, data, optimiser; restore."""
+        from accelerate.utils import set_seed
+
+        self._check_inputs()
+        self.start_from = self._find_start()
+        self.accelerator = engine.make_accelerator(self.config)
+        self.main = self.accelerator.is_main_process  # only rank 0 writes files
+        self._prepare_output()
+        set_seed(self.config.seed)
+        self.wrapped = engine.prepare_model(self.accelerator, self.model)  # on the accelerator's device
+        self._setup_data()
+        self._setup_optimizer()
+        self.state.nonfinite = torch.zeros((), dtype=torch.bool, device=self.accelerator.device)
+        if self.start_from is not None:
+            self._restore()
+        elif self.config.cache_augment_states and self.main:
+            append_metrics(self.metrics_file, {"kind": "cache", "step": 0, **self.cache_report})
+
+    def _check_inputs(self) -> None:
+        """Refuse what cannot train before any work: a cache that cannot apply, examples longer than the models."""
+        own = [a for a in range(len(self.model.augments)) if not self.model.shares_tokenizer(a)]
+        if own and self.config.cache_augment_states:
+            raise ValueError(
+                f"cache_augment_states (--cache-augment-states) needs augments that share the anchor's tokenizer; "
+                f"augment {own[0]} has its own, so its states depend on how each batch aligns. Turn the cache off"
+            )
+        check_example_lengths(self.train_dataset, self.model, "the training data")
+        if self.eval_dataset is not None:
+            check_example_lengths(self.eval_dataset, self.model, "the evaluation data")
+
+    def _find_start(self) -> Optional[Path]:
+        """The checkpoint to resume from (None: from step 0); refuses to overwrite an earlier run's checkpoints."""
+        if not self.resume:
+            if complete_checkpoints(self.checkpoints):
+                raise FileExistsError(
+                    f"{self.checkpoints} holds checkpoints of an earlier run: resume it (resume=True, --resume) "
+                    "or choose another output directory"
+                )
+            return None
+        start = newest_readable(self.checkpoints)
+        if start is None:
+            if complete_checkpoints(self.checkpoints):
+                raise DamagedCheckpointError(
+                    f"resume: no checkpoint in {self.checkpoints} can be read (see the warnings above); "
+                    "delete the damaged ones to start again"
+                )
+            logger.warning("resume: %s holds no complete checkpoint; starting from step 0", self.checkpoints)
+        return start
+
+    def _prepare_output(self) -> None:
+        """Create the run directory and clear what a killed run left (partial checkpoints, temporaries)."""
+        if self.main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            remove_incomplete(self.checkpoints)
+            remove_unpublished(self.output, COMPOSITION_DIR)
+            remove_stale_temporaries(self.output)
+            if self.start_from is None and self.metrics_file.exists():
+                self.metrics_file.unlink()
+        self.accelerator.wait_for_everyone()
+
+    def _setup_data(self) -> None:
+        """The collator, the augment-state cache when asked for, and the training loader."""
+        config = self.config
+        self.collator = collator_for(self.model, self.tokenizer, config.padding_side)
+        self.eval_batch_size = config.eval_batch_size or config.batch_size
+        self.data_sha = data_fingerprint(self.train_dataset)
+        self.train_data, self.eval_data = self.train_dataset, self.eval_dataset
+        if config.cache_augment_states:
+            self._open_augment_cache()
+        # Every rank builds the same loader; accelerate deals its batches out in turn (rank r gets batches r, r + n,
+        # ... of the one (seed, epoch) order), so n processes see, per step, the batches one process sees with n
+        # times the gradient accumulation.
+        loader = DataLoader(
+            self.train_data,
+            batch_size=config.batch_size,
+            sampler=EpochShuffleSampler(len(self.train_data), config.seed),
+            collate_fn=self.collator,
+            generator=torch.Generator().manual_seed(config.seed),  # keeps the global RNG untouched
         )
-    ddp = accelerator.num_processes > 1 and kind.startswith("MULTI_")
-    if not ddp:  # one process, FSDP or DeepSpeed: accelerate wraps (or not) as configured
-        return accelerator.prepare(model)
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, _ignore_frozen_in_ddp(model))
-    try:
-        return accelerator.prepare(model)
-    finally:
-        del model._ddp_params_and_buffers_to_ignore  # DDP read it at construction; the model keeps no trace
+        self.loader = self.accelerator.prepare(loader)
 
+    def _open_augment_cache(self) -> None:
+        """Wrap the datasets so each item carries its augments' states, computed once (or reused from disk)."""
+        config, pad_id = self.config, pad_token_id(self.tokenizer, self.model)
+        started = time.perf_counter()
+        with self.accelerator.main_process_first(), self.accelerator.autocast():
+            cache, built = open_or_build_cache(self.model, self.train_dataset, self.output / CACHE_DIR / "train",
+                                               config.mixed_precision, self.eval_batch_size, pad_id)
+            self.train_data = WithAugmentStates(self.train_dataset, cache)
+            if self.eval_dataset is not None:
+                eval_cache, _ = open_or_build_cache(self.model, self.eval_dataset, self.output / CACHE_DIR / "eval",
+                                                    config.mixed_precision, self.eval_batch_size, pad_id)
+                self.eval_data = WithAugmentStates(self.eval_dataset, eval_cache)
+        seconds = time.perf_counter() - started
+        self.cache_report = {"built": built, "seconds": seconds}
+        logger.info("augment cache %s in %.2fs", "built" if built else "reused", seconds)
 
-def _check_model(model: Any, config: TrainingConfig) -> None:
-    own = [a for a in range(len(model.augments)) if not model.shares_tokenizer(a)]
-    if own and config.cache_augment_states:
-        raise ValueError(
-            f"cache_augment_states (--cache-augment-states) needs augments that share the anchor's tokenizer; "
-            f"augment {own[0]} has its own, so its states depend on how each batch aligns. Turn the cache off"
+    def _setup_optimizer(self) -> None:
+        """AdamW over the composition parameters and the learning-rate schedule over the run's steps."""
+        from transformers import get_scheduler
+
+        config = self.config
+        self.parameters = self.model.composition_parameters()
+        optimizer = torch.optim.AdamW(
+            self.parameters,
+            lr=config.learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_epsilon,
+            weight_decay=config.weight_decay,
         )
-
-
-def _resume_state(
-    model: Any, checkpoint: Path, config: TrainingConfig, data_sha: str, num_examples: int, num_processes: int = 1
-) -> dict[str, Any]:
-    """Load the composition of ``checkpoint`` into ``model`` after checking it belongs to this run."""
-    from ..model.composed import ComposedModel
-
-    files = verify_checkpoint(checkpoint)
-    state = files["state"]
-    if state.get("num_processes", 1) != num_processes:  # the data position counts each process's micro-batches
-        raise ValueError(
-            f"Cannot resume from {checkpoint}: it was written by a run on {state.get('num_processes', 1)} "
-            f"process(es), this one has {num_processes}; launch it with as many processes as before"
+        self.steps_per_epoch = math.ceil(len(self.loader) / config.gradient_accumulation_steps)
+        self.total_steps = config.max_steps or self.steps_per_epoch * (config.epochs or 1)
+        scheduler = get_scheduler(
+            config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=self.total_steps
         )
-    differences = config.trajectory_differences(TrainingConfig.from_dict(state["config"]))
-    if differences:
-        raise ValueError(
-            f"Cannot resume from {checkpoint}: the training config differs from the checkpoint's "
-            f"(checkpoint != now): {'; '.join(differences)}"
-        )
-    if state["num_examples"] != num_examples or state["data_sha256"] != data_sha:
-        raise ValueError(
-            f"Cannot resume from {checkpoint}: the training data differ from the data it was trained on "
-            f"({state['num_examples']} examples then, {num_examples} now)"
-        )
-    saved = ComposedModel.from_composition(checkpoint, model.anchor, list(model.augments))
-    if saved.resolved_connections != model.resolved_connections:
-        raise ValueError(
-            f"Cannot resume from {checkpoint}: it connects layers {saved.resolved_connections}, "
-            f"the model {model.resolved_connections}"
-        )
-    model.connections.load_state_dict(saved.connections.state_dict())
-    return files
+        self.optimizer, self.scheduler = self.accelerator.prepare(optimizer, scheduler)
 
+    def _restore(self) -> None:
+        """Continue from ``start_from``: composition, optimiser, scheduler, RNG states and the data position."""
+        files = restore_composition(self.model, self.start_from, self.config, self.data_sha, len(self.train_dataset),
+                                    self.accelerator.num_processes)
+        self.optimizer.load_state_dict(files["optimizer"])
+        self.scheduler.load_state_dict(files["scheduler"])
+        restore_rng_state(files["rng"])
+        self.state.step, self.state.epoch, self.state.position = (files["state"][k] for k in ("step", "epoch", "position"))
+        if self.main:
+            truncate_metrics(self.metrics_file, self.state.step)
+        logger.info("resumed from %s (step %d)", self.start_from, self.state.step)
 
-def _newest_readable(checkpoints: Path) -> Optional[Path]:
-    """The newest checkpoint whose files all read; damaged newer ones are skipped with a warning."""
-    for path in reversed(complete_checkpoints(checkpoints)):
-        try:
-            verify_checkpoint(path)
-        except DamagedCheckpointError as err:
-            logger.warning("skipping checkpoint %s: %s", path, err)
-            continue
-        return path
-    return None
+    # ----------------------------------------------------------------- one step
+
+    def micro_step(self, batch: dict[str, Any], signals: StopSignals) -> bool:
+        """Forward and backward of one micro-batch; at the last one of an optimiser step, clip and step.
+
+        Returns:
+            whether an optimiser step completed.
+        """
+        accelerator, state = self.accelerator, self.state
+        with accelerator.accumulate(self.wrapped):
+            loss = self.wrapped(**batch).loss
+            accelerator.backward(loss)
+            state.nonfinite |= ~torch.isfinite(loss.detach())
+            if accelerator.sync_gradients:
+                self._check_step(signals)
+            self.optimizer.step()  # a no-op while gradients accumulate
+            if accelerator.sync_gradients:
+                self.scheduler.step()
+            self.optimizer.zero_grad()
+        state.position += 1
+        state.window_losses.append(loss.detach())
+        state.window_tokens += int(batch["attention_mask"].sum())
+        return accelerator.sync_gradients
+
+    def _check_step(self, signals: StopSignals) -> None:
+        """Before the optimiser step: clip, and stop the run (nothing of this step applied) on a NaN/inf anywhere."""
+        state = self.state
+        if self.config.max_grad_norm is not None:
+            state.grad_norm = self.accelerator.clip_grad_norm_(self.parameters, self.config.max_grad_norm)
+            if isinstance(state.grad_norm, torch.Tensor):
+                state.nonfinite |= ~torch.isfinite(state.grad_norm.detach()).to(state.nonfinite.device)
+        diverged, state.stop = engine.agree_across_ranks(self.accelerator, state.nonfinite, signals.received)
+        if diverged:
+            stop_diverged(state.step + 1, state.epoch, self.checkpoints, self.metrics_file if self.main else None)
+        state.nonfinite = torch.zeros_like(state.nonfinite)
+
+    def after_step(self) -> bool:
+        """Bookkeeping after an optimiser step: epoch end, logging, evaluation, checkpoint. Returns True to stop."""
+        state = self.state
+        state.step += 1
+        self.progress.update(1)
+        if state.position == len(self.loader):  # the epoch is over: the next step starts the next one
+            self._record({"kind": "epoch", "step": state.step, "epoch": state.epoch,
+                          "seconds": time.perf_counter() - state.epoch_start})
+            state.epoch, state.position = state.epoch + 1, 0
+            state.epoch_start = time.perf_counter()
+        if state.step % self.config.log_every == 0 or state.step == self.total_steps:
+            self.log_train()
+        if self.eval_data is not None and (
+            (self.config.eval_every and state.step % self.config.eval_every == 0) or state.step == self.total_steps
+        ):
+            state.last_eval = self.evaluate()
+        state.saved_at = None
+        if self.config.save_every and (state.step % self.config.save_every == 0 or state.step == self.total_steps):
+            state.saved_at = self.save()
+        if state.step >= self.total_steps:
+            state.stop = None  # the run is complete: a late signal changes nothing
+            return True
+        if state.stop is not None:
+            state.saved_at = state.saved_at or self.save()
+            return True
+        return False
+
+    def log_train(self) -> None:
+        """Append the logging window's train record (loss, lr, gradient norm, tokens/s) and start a new window."""
+        state = self.state
+        seconds = time.perf_counter() - state.window_start
+        state.last_loss, tokens = engine.mean_over_ranks(self.accelerator, state.window_losses, state.window_tokens)
+        record = {
+            "kind": "train",
+            "step": state.step,
+            "epoch": state.step / self.steps_per_epoch,
+            "loss": state.last_loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": None if state.grad_norm is None else float(state.grad_norm),
+            "tokens_per_s": tokens / seconds if seconds > 0 else None,
+        }
+        self._record(record)
+        self.progress.set_postfix(loss=f"{state.last_loss:.4f}", tok_s=f"{record['tokens_per_s'] or 0:.0f}")
+        state.window_losses, state.window_tokens, state.window_start = [], 0, time.perf_counter()
+
+    # ----------------------------------------------------------------- evaluate and save
+
+    def evaluate(self) -> dict[str, Any]:
+        """Eval loss over the eval data and, for prompt/completion data, exact match and chrF of greedy completions."""
+        self.wrapped.eval()
+        eval_loader = DataLoader(self.eval_data, batch_size=self.eval_batch_size, collate_fn=self.collator)
+        loss, tokens = evaluate_loss(self.wrapped, eval_loader, device=self.accelerator.device)
+        record: dict[str, Any] = {"kind": "eval", "step": self.state.step, "eval_loss": loss, "eval_tokens": tokens}
+        if (
+            self.config.eval_generate
+            and self.tokenizer is not None
+            and hasattr(self.model, "generate")
+            and getattr(self.eval_dataset, "has_completions", False)
+        ):
+            with self.accelerator.autocast():
+                scores = completion_scores(self.model, self.eval_dataset, self.tokenizer, self.eval_batch_size,
+                                           self.config.eval_max_new_tokens, self.config.eval_generate_max_examples)
+            record.update(eval_exact_match=scores["exact_match"], eval_chrf=scores["chrf"])
+        self.wrapped.train()
+        self._record(record)
+        return record
+
+    def save(self) -> Path:
+        """Write ``checkpoints/step-N`` (rank 0), keeping the newest ``keep_last``; every rank waits for it."""
+        state = self.state
+        if self.main:
+            bookkeeping = {
+                "step": state.step,
+                "epoch": state.epoch,
+                "position": state.position,
+                "total_steps": self.total_steps,
+                "num_examples": len(self.train_dataset),
+                "num_processes": self.accelerator.num_processes,
+                "data_sha256": self.data_sha,
+                "config": self.config.to_dict(),
+            }
+            save_checkpoint(self.checkpoints, state.step, self.model, self.optimizer, self.scheduler, bookkeeping,
+                            self.config.keep_last)
+        self.accelerator.wait_for_everyone()
+        return self.checkpoints / f"step-{state.step}"
+
+    def _record(self, record: dict[str, Any]) -> None:
+        if self.main:
+            append_metrics(self.metrics_file, record)
+
+    # ----------------------------------------------------------------- the loop
+
+    def epoch_batches(self) -> Iterable[dict[str, Any]]:
+        """The rest of the current epoch's micro-batches (all of them, or those after a resumed position)."""
+        position = self.state.position
+        batches = self.accelerator.skip_first_batches(self.loader, position) if position else self.loader
+        batches.set_epoch(self.state.epoch)
+        return batches
+
+    def run(self) -> TrainingResult:
+        """Set up, train until ``total_steps`` (or a stop signal), then save the composition."""
+        from tqdm.auto import tqdm
+
+        self.setup()
+        state = self.state
+        self.progress = tqdm(total=self.total_steps, initial=state.step, desc="training",
+                             disable=not (self.config.progress_bar and self.accelerator.is_local_main_process))
+        state.window_start = state.epoch_start = time.perf_counter()
+        self.wrapped.train()
+        with StopSignals() as signals, self.progress:
+            while state.step < self.total_steps and state.stop is None:
+                for batch in self.epoch_batches():
+                    if self.micro_step(batch, signals) and self.after_step():
+                        break
+        return self.finish()
+
+    def finish(self) -> TrainingResult:
+        """The result; a run that completed also writes ``composition/`` (atomically) and ``loss.png``."""
+        state = self.state
+        if state.stop is not None:
+            name = signal.Signals(state.stop).name
+            self._record({"kind": "interrupted", "step": state.step, "signal": name})
+            logger.warning("%s: stopped at step %d of %d; resume from %s", name, state.step, self.total_steps,
+                           state.saved_at)
+            return TrainingResult(step=state.step, train_loss=state.last_loss, eval_metrics=state.last_eval,
+                                  resumed_from=self.start_from, interrupted=name, checkpoint=state.saved_at)
+        model = self.accelerator.unwrap_model(self.wrapped, keep_fp32_wrapper=False)
+        composition_dir = self.output / COMPOSITION_DIR
+        if self.main:
+            tmp = self.output / f".{COMPOSITION_DIR}.tmp-{os.getpid()}"
+            model.save_composition(tmp)
+            publish_directory(tmp, composition_dir)  # never weights of this run beside the JSON of an earlier one
+            plot_losses(read_metrics(self.metrics_file), self.output / PLOT_NAME)
+        self.accelerator.wait_for_everyone()
+        return TrainingResult(step=state.step, train_loss=state.last_loss, eval_metrics=state.last_eval,
+                              composition_dir=composition_dir, resumed_from=self.start_from)
 
 
 def train(
@@ -199,265 +453,4 @@ def train(
     Returns:
         a :class:`TrainingResult`.
     """
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
-
-    config = config or TrainingConfig()
-    if output_dir is None:
-        raise TypeError("train() needs output_dir: the directory for checkpoints, metrics and the composition")
-    _check_model(model, config)
-    check_example_lengths(train_dataset, model, "the training data")  # before any work, not at the step that fails
-    if eval_dataset is not None:
-        check_example_lengths(eval_dataset, model, "the evaluation data")
-    output = Path(output_dir)
-    checkpoints = output / CHECKPOINTS_DIR
-    metrics_file = output / METRICS_NAME
-    if not resume and complete_checkpoints(checkpoints):
-        raise FileExistsError(
-            f"{checkpoints} holds checkpoints of an earlier run: resume it (resume=True, --resume) "
-            "or choose another output directory"
-        )
-    start_from = _newest_readable(checkpoints) if resume else None
-    if resume and start_from is None:
-        if complete_checkpoints(checkpoints):
-            raise DamagedCheckpointError(
-                f"resume: no checkpoint in {checkpoints} can be read (see the warnings above); "
-                "delete the damaged ones to start again"
-            )
-        logger.warning("resume: %s holds no complete checkpoint; starting from step 0", checkpoints)
-
-    accelerator = _accelerator(config)
-    main = accelerator.is_main_process  # only rank 0 writes files: checkpoints, metrics, plot, composition
-    if main:
-        output.mkdir(parents=True, exist_ok=True)
-        remove_incomplete(checkpoints)
-        remove_unpublished(output, COMPOSITION_DIR)
-        remove_stale_temporaries(output)
-        if start_from is None and metrics_file.exists():
-            metrics_file.unlink()
-    accelerator.wait_for_everyone()
-    set_seed(config.seed)
-    wrapped = _prepare_model(accelerator, model)  # on the accelerator's device (the cache below is computed there)
-    pad_id = pad_token_id(tokenizer, model)
-    collator = collator_for(model, tokenizer, config.padding_side)  # aligns augments with their own tokenizer
-    eval_batch_size = config.eval_batch_size or config.batch_size
-    data_sha = data_fingerprint(train_dataset)
-
-    train_data, eval_data = train_dataset, eval_dataset
-    if config.cache_augment_states:
-        started = time.perf_counter()
-        with accelerator.main_process_first(), accelerator.autocast():
-            cache, built = open_or_build_cache(
-                model, train_dataset, output / CACHE_DIR / "train", config.mixed_precision, eval_batch_size, pad_id
-            )
-            train_data = WithAugmentStates(train_dataset, cache)
-            if eval_dataset is not None:
-                eval_cache, _ = open_or_build_cache(
-                    model, eval_dataset, output / CACHE_DIR / "eval", config.mixed_precision, eval_batch_size, pad_id
-                )
-                eval_data = WithAugmentStates(eval_dataset, eval_cache)
-        cache_seconds = time.perf_counter() - started
-        logger.info("augment cache %s in %.2fs", "built" if built else "reused", cache_seconds)
-
-    # Every rank builds the same loader; accelerate deals its batches out in turn (rank r gets batches r, r + n, ...
-    # of the one (seed, epoch) order), so n processes see, per step, the batches one process sees with n times
-    # the gradient accumulation.
-    loader = DataLoader(
-        train_data,
-        batch_size=config.batch_size,
-        sampler=EpochShuffleSampler(len(train_data), config.seed),
-        collate_fn=collator,
-        generator=torch.Generator().manual_seed(config.seed),  # keeps the global RNG untouched
-    )
-    loader = accelerator.prepare(loader)
-    parameters = model.composition_parameters()
-    optimizer = torch.optim.AdamW(
-        parameters,
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        eps=config.adam_epsilon,
-        weight_decay=config.weight_decay,
-    )
-    steps_per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)
-    total_steps = config.max_steps or steps_per_epoch * (config.epochs or 1)
-    scheduler = get_scheduler(
-        config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps
-    )
-    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
-
-    step, epoch, position = 0, 0, 0  # optimiser steps done; current epoch; micro-batches of it consumed
-    if start_from is not None:
-        files = _resume_state(model, start_from, config, data_sha, len(train_dataset), accelerator.num_processes)
-        optimizer.load_state_dict(files["optimizer"])
-        scheduler.load_state_dict(files["scheduler"])
-        restore_rng_state(files["rng"])
-        step, epoch, position = (files["state"][k] for k in ("step", "epoch", "position"))
-        if main:
-            truncate_metrics(metrics_file, step)
-        logger.info("resumed from %s (step %d)", start_from, step)
-    elif config.cache_augment_states and main:
-        append_metrics(metrics_file, {"kind": "cache", "step": 0, "built": built, "seconds": cache_seconds})
-
-    def evaluate_now() -> dict[str, Any]:
-        wrapped.eval()
-        eval_loader = DataLoader(eval_data, batch_size=eval_batch_size, collate_fn=collator)
-        loss, tokens = evaluate_loss(wrapped, eval_loader, device=accelerator.device)
-        record: dict[str, Any] = {"kind": "eval", "step": step, "eval_loss": loss, "eval_tokens": tokens}
-        if (
-            config.eval_generate
-            and tokenizer is not None
-            and hasattr(model, "generate")
-            and getattr(eval_dataset, "has_completions", False)
-        ):
-            with accelerator.autocast():
-                scores = completion_scores(
-                    model,
-                    eval_dataset,
-                    tokenizer,
-                    eval_batch_size,
-                    config.eval_max_new_tokens,
-                    config.eval_generate_max_examples,
-                )
-            record.update(eval_exact_match=scores["exact_match"], eval_chrf=scores["chrf"])
-        wrapped.train()
-        if main:
-            append_metrics(metrics_file, record)
-        return record
-
-    def save(step: int) -> Path:
-        if main:
-            state = {
-                "step": step,
-                "epoch": epoch,
-                "position": position,
-                "total_steps": total_steps,
-                "num_examples": len(train_dataset),
-                "num_processes": accelerator.num_processes,
-                "data_sha256": data_sha,
-                "config": config.to_dict(),
-            }
-            save_checkpoint(checkpoints, step, model, optimizer, scheduler, state, config.keep_last)
-        accelerator.wait_for_everyone()
-        return checkpoints / f"step-{step}"
-
-    progress = tqdm(
-        total=total_steps,
-        initial=step,
-        desc="training",
-        disable=not (config.progress_bar and accelerator.is_local_main_process),
-    )
-    last_eval: dict[str, Any] = {}
-    last_loss: Optional[float] = None
-    window_losses: list[torch.Tensor] = []
-    window_tokens = 0
-    window_start = epoch_start = time.perf_counter()
-    grad_norm: Optional[torch.Tensor] = None
-    nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)  # this step saw a NaN/inf so far
-    stop: Optional[int] = None  # the signal every rank agreed to stop on
-    saved_at: Optional[Path] = None
-    wrapped.train()
-    with StopSignals() as signals, progress:
-        while step < total_steps and stop is None:
-            batches = accelerator.skip_first_batches(loader, position) if position else loader
-            batches.set_epoch(epoch)
-            for batch in batches:
-                with accelerator.accumulate(wrapped):
-                    loss = wrapped(**batch).loss
-                    accelerator.backward(loss)
-                    nonfinite |= ~torch.isfinite(loss.detach())
-                    if accelerator.sync_gradients:
-                        if config.max_grad_norm is not None:
-                            grad_norm = accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
-                            if isinstance(grad_norm, torch.Tensor):
-                                nonfinite |= ~torch.isfinite(grad_norm.detach()).to(nonfinite.device)
-                        diverged, stop = agree_across_ranks(accelerator, nonfinite, signals.received)
-                        if diverged:
-                            stop_diverged(step + 1, epoch, checkpoints, metrics_file if main else None)
-                        nonfinite = torch.zeros_like(nonfinite)
-                    optimizer.step()  # a no-op while gradients accumulate
-                    if accelerator.sync_gradients:
-                        scheduler.step()
-                    optimizer.zero_grad()
-                position += 1
-                window_losses.append(loss.detach())
-                window_tokens += int(batch["attention_mask"].sum())
-                if not accelerator.sync_gradients:
-                    continue
-                step += 1
-                progress.update(1)
-                if position == len(loader):  # the epoch is over: the next step starts the next one
-                    if main:
-                        append_metrics(
-                            metrics_file,
-                            {"kind": "epoch", "step": step, "epoch": epoch, "seconds": time.perf_counter() - epoch_start},
-                        )
-                    epoch, position = epoch + 1, 0
-                    epoch_start = time.perf_counter()
-                if step % config.log_every == 0 or step == total_steps:
-                    seconds = time.perf_counter() - window_start
-                    last_loss, tokens = _window_stats(accelerator, window_losses, window_tokens)
-                    record = {
-                        "kind": "train",
-                        "step": step,
-                        "epoch": step / steps_per_epoch,
-                        "loss": last_loss,
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": None if grad_norm is None else float(grad_norm),
-                        "tokens_per_s": tokens / seconds if seconds > 0 else None,
-                    }
-                    if main:
-                        append_metrics(metrics_file, record)
-                    progress.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{record['tokens_per_s'] or 0:.0f}")
-                    window_losses, window_tokens, window_start = [], 0, time.perf_counter()
-                if eval_data is not None and (
-                    (config.eval_every and step % config.eval_every == 0) or step == total_steps
-                ):
-                    last_eval = evaluate_now()
-                saved_at = None
-                if config.save_every and (step % config.save_every == 0 or step == total_steps):
-                    saved_at = save(step)
-                if step >= total_steps:
-                    stop = None  # the run is complete: a late signal changes nothing
-                    break
-                if stop is not None:
-                    saved_at = saved_at or save(step)
-                    break
-
-    if stop is not None:
-        name = signal.Signals(stop).name
-        if main:
-            append_metrics(metrics_file, {"kind": "interrupted", "step": step, "signal": name})
-        logger.warning("%s: stopped at step %d of %d; resume from %s", name, step, total_steps, saved_at)
-        return TrainingResult(
-            step=step, train_loss=last_loss, eval_metrics=last_eval, resumed_from=start_from,
-            interrupted=name, checkpoint=saved_at,
-        )
-
-    model = accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
-    composition_dir = output / COMPOSITION_DIR
-    if main:
-        tmp = output / f".{COMPOSITION_DIR}.tmp-{os.getpid()}"
-        model.save_composition(tmp)
-        publish_directory(tmp, composition_dir)  # never weights of this run beside the JSON of an earlier one
-        plot_losses(read_metrics(metrics_file), output / PLOT_NAME)
-    accelerator.wait_for_everyone()
-    return TrainingResult(
-        step=step,
-        train_loss=last_loss,
-        eval_metrics=last_eval,
-        composition_dir=composition_dir,
-        resumed_from=start_from,
-    )
-
-
-def _window_stats(accelerator: Any, losses: list[torch.Tensor], tokens: int) -> tuple[float, float]:
-    """Mean loss of the logging window and its token count, over every rank."""
-    stats = torch.stack([torch.stack(losses).float().mean(), torch.tensor(float(tokens), device=losses[0].device)])
-    if accelerator.num_processes > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(stats)
-        stats[0] /= accelerator.num_processes
-    loss, count = stats.tolist()
-    return loss, count
+    return Recipe(model, train_dataset, eval_dataset, config, output_dir, resume, tokenizer).run()

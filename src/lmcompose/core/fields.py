@@ -1,0 +1,93 @@
+"""Config fields that carry their own help, check and command-line flag, and the checks themselves.
+
+The configs (:class:`~lmcompose.core.config.CompositionConfig`, :class:`~lmcompose.train.config.TrainingConfig`)
+declare each field once with :func:`config_field`; their validation and the CLI's flags are derived from it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import Field, field
+from typing import Any, Optional
+
+# The checks a field's value must pass: what each accepts, said as the error message says it.
+CHECKS = {
+    "positive": "a positive integer",
+    "non_negative": "a non-negative integer",
+    "seed": "an integer in 0..2**32-1",
+    "positive_number": "> 0",
+    "non_negative_number": ">= 0",
+    "beta": "in [0, 1)",
+    "bool": "true or false",
+    "choice": "one of",
+    "connections": "checked by the config itself",
+}
+
+
+def config_field(default: Any, help: str, check: str, *, flag: Optional[str] = None, choices: tuple = (),
+                 trajectory: bool = False, optional: bool = False, metavar: Optional[str] = None) -> Any:
+    """A config field that carries its own help, check and command-line flag.
+
+    Args:
+        default: the default value.
+        help: one line, shown by ``--help`` (with the default).
+        check: a key of :data:`CHECKS`: what the value must be.
+        flag: the command-line flag without its dashes (``"lr"`` for ``--lr``); None: no flag.
+        choices: the allowed values of a ``"choice"`` field (a flag named after one of two choices is a switch).
+        trajectory: the field decides the trajectory of the weights (a resumed run must agree on it).
+        optional: None is allowed too.
+        metavar: the value's name in ``--help``.
+    """
+    metadata = {"help": help, "check": check, "flag": flag, "choices": choices, "trajectory": trajectory,
+                "optional": optional, "metavar": metavar}
+    return field(default=default, metadata=metadata)
+
+
+def check_value(spec: Field, value: Any) -> Any:
+    """``value`` for field ``spec`` after its check (a number given as YAML text becomes a float); else ValueError."""
+    name, check, optional = spec.name, spec.metadata["check"], spec.metadata["optional"]
+    if check == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+        return value
+    if check == "choice":
+        choices = spec.metadata["choices"]
+        if not isinstance(value, str) or value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        return value
+    if check == "connections" or (optional and value is None and not check.endswith("number")):
+        return value
+    if check.endswith("number") or check == "beta":
+        return _check_number(name, check, value, optional)
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    ok = ok and (0 <= value < 2**32 if check == "seed" else value >= (1 if check == "positive" else 0))
+    if not ok:
+        raise ValueError(f"{name} must be {CHECKS[check]}{' or None' if optional else ''}, got {value!r}")
+    return value
+
+
+def _check_number(name: str, check: str, value: Any, optional: bool) -> Any:
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+    elif value is None:
+        if optional:
+            return None
+        raise ValueError(f"{name} must be a number, got None")
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not _finite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    ok = {"positive_number": value > 0, "non_negative_number": value >= 0, "beta": 0 <= value < 1}[check]
+    if not ok:
+        raise ValueError(f"{name} must be {CHECKS[check]}{' or None' if optional else ''}, got {value!r}")
+    return value
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
