@@ -38,7 +38,7 @@ MOVED: dict[str, tuple[str, ...]] = {
     "lmcompose.cli_args": ("lmcompose.cli.options",),
     "lmcompose.tasks": ("lmcompose.demos",),
     "lmcompose.tasks.kv": ("lmcompose.demos.kv.task",),
-    "lmcompose.tasks.kv_pipeline": ("lmcompose.demos.kv.pipeline",),
+    "lmcompose.tasks.kv_pipeline": ("lmcompose.demos.kv.pipeline", "lmcompose.demos.kv.config"),
     "lmcompose.tasks.kv_report": ("lmcompose.demos.kv.report",),
     "lmcompose.tasks.kv_training": ("lmcompose.demos.kv.training",),
 }

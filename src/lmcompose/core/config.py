@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Sequence
 
-from .fields import check_value, config_field
+from .fields import DictConfig, check_value, config_field
 
 Connection = tuple[int, int]  # (augment_layer, anchor_layer), 0-indexed decoder blocks
 # anchor layer -1: the anchor's embeddings, i.e. the input of its first block (the output of "block -1")
@@ -14,7 +13,7 @@ EMBEDDINGS = -1
 
 
 @dataclass
-class CompositionConfig:
+class CompositionConfig(DictConfig):
     """How an anchor and its augmenting models are connected (CALM, paper §3.1).
 
     Every field has a default that follows the paper; leave a field at ``None`` to get it. Each field's help is
@@ -46,28 +45,6 @@ class CompositionConfig:
             raise ValueError("Give either num_connections or connections, not both.")
         if self.connections is not None:
             self.connections = _normalise_connections(self.connections)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict of the fields."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "CompositionConfig":
-        """Build from :meth:`to_dict` output; unknown keys are an error naming them."""
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown CompositionConfig fields {unknown}; known fields are {sorted(known)}")
-        return cls(**data)
-
-    def to_json(self) -> str:
-        """The config as a JSON string."""
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> "CompositionConfig":
-        """Parse :meth:`to_json` output."""
-        return cls.from_dict(json.loads(text))
 
 
 def _normalise_connections(connections: Sequence) -> list:

@@ -6,9 +6,12 @@ declare each field once with :func:`config_field`; their validation and the CLI'
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import Field, field
-from typing import Any, Optional
+from dataclasses import Field, asdict, field, fields
+from typing import Any, Optional, TypeVar
+
+C = TypeVar("C", bound="DictConfig")
 
 # The checks a field's value must pass: what each accepts, said as the error message says it.
 CHECKS = {
@@ -22,6 +25,34 @@ CHECKS = {
     "choice": "one of",
     "connections": "checked by the config itself",
 }
+
+
+class DictConfig:
+    """The dict and JSON round trip of a config dataclass; unknown keys are refused, naming them."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        """Build from :meth:`to_dict` output; unknown keys are an error naming them."""
+        if not isinstance(data, dict):
+            raise ValueError(f"A {cls.__name__} is a mapping of field names to values, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(map(str, data)) - known)
+        if unknown:
+            raise ValueError(f"Unknown {cls.__name__} fields {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        """The config as JSON text."""
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls: type[C], text: str) -> C:
+        """Parse :meth:`to_json` output."""
+        return cls.from_dict(json.loads(text))
 
 
 def config_field(default: Any, help: str, check: str, *, flag: Optional[str] = None, choices: tuple = (),

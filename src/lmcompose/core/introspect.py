@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -105,6 +105,18 @@ def accepts(model: nn.Module, argument: str) -> bool:
     """Whether the model's forward takes ``argument`` by name."""
     params = inspect.signature(model.forward).parameters
     return argument in params
+
+
+def forward_kwargs(
+    model: nn.Module, attention_mask: Optional[torch.Tensor], position_ids: Optional[torch.Tensor]
+) -> dict[str, Any]:
+    """The mask and positions as keyword arguments of ``model``'s forward (positions only where it takes them)."""
+    kwargs: dict[str, Any] = {}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if position_ids is not None and accepts(model, "position_ids"):
+        kwargs["position_ids"] = position_ids
+    return kwargs
 
 
 def cache_argument(model: nn.Module) -> str:

@@ -19,3 +19,15 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
     """The prompt's ids as training sees them: BOS (when the tokenizer adds one by default), then the text."""
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     return ([tokenizer.bos_token_id] if adds_bos(tokenizer) else []) + list(ids)
+
+
+def same_vocabulary(anchor: Any, augment: Any) -> bool:
+    """Whether an augment's tokenizer gives the anchor's ids (None or the anchor's own tokenizer: yes)."""
+    if augment is None or augment is anchor:
+        return True
+    if anchor is None:
+        return False
+    try:
+        return anchor.get_vocab() == augment.get_vocab()
+    except (AttributeError, NotImplementedError):
+        return False

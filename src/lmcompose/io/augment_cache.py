@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -192,3 +192,20 @@ class WithAugmentStates(Dataset):
         item = dict(self.dataset[index])
         item["augment_states"] = self.cache.states(index)
         return item
+
+
+def with_cached_states(model: Any, train_dataset: Dataset, eval_dataset: Optional[Dataset], directory: Union[str, Path],
+                       precision: str = "no", batch_size: int = 16, pad_token_id: int = 0
+                       ) -> tuple[Dataset, Optional[Dataset], bool]:
+    """The training (and evaluation) data with their augment states, from ``directory/train`` and ``directory/eval``.
+
+    Returns:
+        (train data, eval data or None, whether the training cache was built rather than reused).
+    """
+    cache, built = open_or_build_cache(model, train_dataset, Path(directory) / "train", precision, batch_size, pad_token_id)
+    eval_data = None
+    if eval_dataset is not None:
+        eval_cache, _ = open_or_build_cache(model, eval_dataset, Path(directory) / "eval", precision, batch_size,
+                                            pad_token_id)
+        eval_data = WithAugmentStates(eval_dataset, eval_cache)
+    return WithAugmentStates(train_dataset, cache), eval_data, built

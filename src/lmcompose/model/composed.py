@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
 
 from ..core import introspect
-from ..core.alignment import require_fast
-from ..core.config import EMBEDDINGS, CompositionConfig, resolve_connections
-from ..core.cross_attention import CrossAttention
+from ..core.alignment import align_batch, require_fast
+from ..core.config import CompositionConfig, resolve_connections
 from ..core.masking import cross_mask, positions_from_mask, same_position_limit
+from ..core.tokens import same_vocabulary
+from ..io.composition_files import load_composition, save_composition
+from .generation import generate
+from .connections import augment_name, build_connection, check_vocabularies
+from .hooks import capture_outputs, residual_updates
 
 KeyValues = list[tuple[torch.Tensor, torch.Tensor]]  # one (keys, values) pair per connection, each (b, h, s, d)
-
-
-class _StopForward(Exception):
-    """Raised by a capture hook once the highest connected augment block has run."""
 
 
 class ComposedModel(nn.Module):
@@ -56,13 +56,13 @@ class ComposedModel(nn.Module):
             raise ValueError("Give at least one augment model")
         introspect.check_causal_lm(anchor, "anchor")
         for a, model in enumerate(augments):
-            introspect.check_causal_lm(model, _augment_name(a, len(augments)))
+            introspect.check_causal_lm(model, augment_name(a, len(augments)))
         self.composition_config = config if config is not None else CompositionConfig()
         self.anchor = anchor
         self.augments = nn.ModuleList(augments)
         self.tokenizer = tokenizer
         self.augment_tokenizers = [
-            None if _same_tokenizer(tokenizer, t) else t for t in _per_augment(augment_tokenizer, len(augments))
+            None if same_vocabulary(tokenizer, t) else t for t in _per_augment(augment_tokenizer, len(augments))
         ]
         if tokenizer is None and any(t is not None for t in self.augment_tokenizers):
             raise ValueError("An augment tokenizer was given without the anchor's: pass tokenizer= as well")
@@ -74,7 +74,7 @@ class ComposedModel(nn.Module):
                 "rotary=True needs anchor and augment to share a tokenizer (positions must agree); "
                 "use rotary=False with different tokenizers"
             )
-        self._check_vocabularies()
+        check_vocabularies(anchor, augments, self.augment_tokenizers)
         for model in (anchor, *augments):
             model.requires_grad_(False)
             model.eval()
@@ -85,49 +85,11 @@ class ComposedModel(nn.Module):
             self.composition_config, [len(b) for b in self._augment_blocks], len(self._anchor_blocks)
         )
         self.connections = nn.ModuleList(
-            nn.ModuleList(self._build_connection(model) for _ in pairs)
+            nn.ModuleList(build_connection(anchor, model, self.composition_config) for _ in pairs)
             for model, pairs in zip(augments, self.resolved_connections)
         )
         self.connections.to(device=introspect.model_device(anchor), dtype=introspect.model_dtype(anchor))
         self._composition_enabled = True
-
-    # ----------------------------------------------------------------- construction
-
-    def _build_connection(self, augment: nn.Module) -> CrossAttention:
-        config = self.composition_config
-        anchor = self.anchor
-        heads = config.num_heads or introspect.num_attention_heads(anchor)
-        anchor_dim = introspect.hidden_size(anchor)
-        if anchor_dim % heads:
-            raise ValueError(
-                f"num_heads={heads} does not divide the anchor's hidden size {anchor_dim}; "
-                "choose num_heads among its divisors"
-            )
-        auto = config.norm == "auto"
-        return CrossAttention(
-            augment_dim=introspect.hidden_size(augment),
-            anchor_dim=anchor_dim,
-            num_heads=heads,
-            augment_norm=introspect.norm_kind(augment) if auto else config.norm,
-            anchor_norm=introspect.norm_kind(anchor) if auto else config.norm,
-            augment_eps=introspect.norm_eps(augment),
-            anchor_eps=introspect.norm_eps(anchor),
-            rotary=config.rotary,
-            proj_bias=config.proj_bias,
-        )
-
-    def _check_vocabularies(self) -> None:
-        anchor_vocab = introspect.vocab_size(self.anchor)
-        for a, model in enumerate(self.augments):
-            if self.augment_tokenizers[a] is not None:
-                continue  # different tokenizers: texts are aligned by character offsets
-            vocab = introspect.vocab_size(model)
-            if vocab != anchor_vocab:
-                raise ValueError(
-                    f"The anchor's vocabulary has {anchor_vocab} tokens but {_augment_name(a, len(self.augments))}'s "
-                    f"has {vocab}: the models do not share a tokenizer. Pass tokenizer= and augment_tokenizer= "
-                    "so each model reads its own tokens of the same text."
-                )
 
     def shares_tokenizer(self, a: int = 0) -> bool:
         """Whether augment ``a`` reads the anchor's token ids."""
@@ -211,36 +173,17 @@ class ComposedModel(nn.Module):
             {augment_layer: (b, s, D_A)} for every connected layer of augment ``a``.
         """
         model = self.augments[a]
-        blocks = self._augment_blocks[a]
-        layers = sorted({i for i, _ in self.resolved_connections[a]})
-        captured: dict[int, torch.Tensor] = {}
-
-        def capture(layer: int):
-            def hook(module: nn.Module, args: Any, output: Any) -> None:
-                captured[layer] = output[0] if isinstance(output, (tuple, list)) else output
-                if layer == layers[-1]:
-                    raise _StopForward  # nothing above the last connected block is needed
-
-            return hook
-
-        kwargs = _model_kwargs(model, attention_mask, position_ids)
+        kwargs = introspect.forward_kwargs(model, attention_mask, position_ids)
         if cache is not None:
             kwargs.update({introspect.cache_argument(model): cache, "use_cache": True})
         else:
             kwargs["use_cache"] = False
-        handles = [blocks[i].register_forward_hook(capture(i)) for i in layers]
-        try:
+
+        def run() -> None:
             with torch.no_grad():
                 model(input_ids=input_ids, **kwargs)
-        except _StopForward:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
-        missing = [i for i in layers if i not in captured]
-        if missing:
-            raise RuntimeError(f"Augment blocks {missing} did not run; is {type(model).__name__} a decoder-only LM?")
-        return captured
+
+        return capture_outputs(self._augment_blocks[a], [i for i, _ in self.resolved_connections[a]], run)
 
     def project(
         self, a: int, states: dict[int, torch.Tensor], positions: Optional[torch.Tensor] = None
@@ -282,48 +225,26 @@ class ComposedModel(nn.Module):
             masks: per augment, a (b, 1, t, s) bool mask, or None for causal same-position attention.
             positions: (b, t) anchor query positions (rotary connections).
         """
+        if positions is None and self.composition_config.rotary:
+            raise ValueError("rotary connections need the anchor's query positions")
         by_layer: dict[int, list] = {}
         for a, pairs in enumerate(self.resolved_connections):
             for c, (_, j) in enumerate(pairs):
                 keys, values = key_values[a][c]
                 by_layer.setdefault(j, []).append((self.connections[a][c], keys, values, masks[a]))
 
-        def updated(hidden: torch.Tensor, entries: list) -> torch.Tensor:  # (b, t, D_B) -> the same plus every update
-            delta = None
-            for connection, keys, values, mask in entries:
-                d = self._maybe_recompute(connection, hidden, keys, values, mask, positions)
-                delta = d if delta is None else delta + d
-            return hidden + delta.to(hidden.dtype)
+        def update_of(entries: list) -> Callable[[torch.Tensor], torch.Tensor]:
+            def update(hidden: torch.Tensor) -> torch.Tensor:  # (b, t, D_B) -> the sum of every connection's update
+                delta = None
+                for connection, keys, values, mask in entries:
+                    d = self._maybe_recompute(connection, hidden, keys, values, mask, positions)
+                    delta = d if delta is None else delta + d
+                return delta
 
-        def after_block(entries: list):
-            def hook(module: nn.Module, args: Any, output: Any) -> Any:
-                if isinstance(output, (tuple, list)):
-                    return type(output)((updated(output[0], entries), *output[1:]))
-                return updated(output, entries)
+            return update
 
-            return hook
-
-        def before_first_block(entries: list):  # anchor layer -1: the embeddings, as the first block receives them
-            def hook(module: nn.Module, args: Any, kwargs: dict) -> Any:
-                if args:
-                    return (updated(args[0], entries), *args[1:]), kwargs
-                return args, {**kwargs, "hidden_states": updated(kwargs["hidden_states"], entries)}
-
-            return hook
-
-        if positions is None and self.composition_config.rotary:
-            raise ValueError("rotary connections need the anchor's query positions")
-        handles = [
-            self._anchor_blocks[0].register_forward_pre_hook(before_first_block(e), with_kwargs=True)
-            if j == EMBEDDINGS
-            else self._anchor_blocks[j].register_forward_hook(after_block(e))
-            for j, e in by_layer.items()
-        ]
-        try:
+        with residual_updates(self._anchor_blocks, {j: update_of(e) for j, e in by_layer.items()}):
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     # ----------------------------------------------------------------- forward
 
@@ -357,7 +278,7 @@ class ComposedModel(nn.Module):
         anchor_kwargs = dict(kwargs)
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)
-        anchor_kwargs.update(_model_kwargs(self.anchor, attention_mask, position_ids))
+        anchor_kwargs.update(introspect.forward_kwargs(self.anchor, attention_mask, position_ids))
         if not self._composition_enabled:
             return self.anchor(input_ids=input_ids, labels=labels, **anchor_kwargs)
 
@@ -369,7 +290,7 @@ class ComposedModel(nn.Module):
             else:
                 if augment_input_ids is None or augment_limits is None or augment_input_ids[a] is None:
                     raise ValueError(
-                        f"{_augment_name(a, len(self.augments))} has its own tokenizer: pass augment_input_ids and "
+                        f"{augment_name(a, len(self.augments))} has its own tokenizer: pass augment_input_ids and "
                         "augment_limits (model.tokenize(texts) builds them)"
                     )
                 ids = augment_input_ids[a]
@@ -407,33 +328,24 @@ class ComposedModel(nn.Module):
         Returns:
             input_ids, attention_mask (b, t) for the anchor, and per augment augment_input_ids,
             augment_attention_mask (b, s) and augment_limits (b, t) (None for augments sharing the
-            anchor's tokenizer). See :mod:`lmcompose.alignment`.
+            anchor's tokenizer). See :mod:`lmcompose.core.alignment`.
         """
-        from ..core.alignment import align_batch
+        from accelerate.utils import send_to_device
 
         if self.tokenizer is None:
             raise ValueError("tokenize() needs the anchor's tokenizer: ComposedModel(..., tokenizer=...)")
         texts = [texts] if isinstance(texts, str) else list(texts)
         anchor_ids = self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
-        batch = align_batch(anchor_ids, self.tokenizer, self.augment_tokenizers, padding_side)
-        device = self.device
-        return {
-            k: (v.to(device) if isinstance(v, torch.Tensor) else [x.to(device) if x is not None else None for x in v])
-            for k, v in batch.items()
-        }
+        return send_to_device(align_batch(anchor_ids, self.tokenizer, self.augment_tokenizers, padding_side), self.device)
 
     # ----------------------------------------------------------------- generation and files
 
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs: Any) -> torch.Tensor:
-        """Decode with both models' caches; see :func:`lmcompose.generation.generate` for the arguments."""
-        from .generation import generate
-
+        """Decode with both models' caches; see :func:`lmcompose.model.generation.generate` for the arguments."""
         return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
 
     def save_composition(self, path: str) -> None:
         """Write the composition (config, base fingerprints, connection weights) to directory ``path``."""
-        from ..io.composition_files import save_composition
-
         save_composition(self, path)
 
     @classmethod
@@ -452,35 +364,7 @@ class ComposedModel(nn.Module):
             strict: when False, a base-model mismatch is a warning instead of an error.
             **kwargs: ``tokenizer=``, ``augment_tokenizer=`` as in the constructor.
         """
-        from ..io.composition_files import load_composition
-
         return load_composition(cls, path, anchor, augment, strict=strict, **kwargs)
-
-
-def _model_kwargs(
-    model: nn.Module, attention_mask: Optional[torch.Tensor], position_ids: Optional[torch.Tensor]
-) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {}
-    if attention_mask is not None:
-        kwargs["attention_mask"] = attention_mask
-    if position_ids is not None and introspect.accepts(model, "position_ids"):
-        kwargs["position_ids"] = position_ids
-    return kwargs
-
-
-def _augment_name(a: int, count: int) -> str:
-    return "the augment model" if count == 1 else f"augment model {a}"
-
-
-def _same_tokenizer(anchor: Any, augment: Any) -> bool:
-    if augment is None or augment is anchor:
-        return True
-    if anchor is None:
-        return False
-    try:
-        return anchor.get_vocab() == augment.get_vocab()
-    except (AttributeError, NotImplementedError):
-        return False
 
 
 def _per_augment(value: Any, count: int) -> list:

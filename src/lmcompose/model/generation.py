@@ -7,6 +7,7 @@ cache while its cross-attention reads the composition cache. Nothing is recomput
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -14,60 +15,8 @@ from torch import nn
 
 from ..core import introspect
 from ..core.masking import cross_mask, positions_from_mask
-
-
-class CompositionCache:
-    """Projected keys and values of one augment's connections, in buffers that grow by doubling.
-
-    Args:
-        batch: b.
-        capacity: positions to allocate at first (prompt + new tokens is a good guess).
-    """
-
-    def __init__(self, batch: int, capacity: int) -> None:
-        self.batch = batch
-        self.capacity = max(1, capacity)
-        self.length = 0
-        self._keys: list[torch.Tensor] = []  # per connection: (b, h, capacity, d)
-        self._values: list[torch.Tensor] = []
-        self.key_valid: Optional[torch.Tensor] = None  # (b, capacity) bool, False on augment padding
-
-    def _grow(self, needed: int) -> None:
-        while self.capacity < needed:
-            self.capacity *= 2
-        for store in (self._keys, self._values):
-            for c, old in enumerate(store):
-                new = old.new_empty(*old.shape[:2], self.capacity, old.shape[3])
-                new[:, :, : self.length] = old[:, :, : self.length]
-                store[c] = new
-        valid = torch.zeros(self.batch, self.capacity, dtype=torch.bool, device=self.key_valid.device)
-        valid[:, : self.length] = self.key_valid[:, : self.length]
-        self.key_valid = valid
-
-    def append(self, key_values: Sequence[tuple[torch.Tensor, torch.Tensor]], valid: torch.Tensor) -> None:
-        """Add s positions: per connection (keys, values), each (b, h, s, d); valid (b, s)."""
-        s = valid.shape[1]
-        if not self._keys:
-            self._keys = [k.new_empty(*k.shape[:2], self.capacity, k.shape[3]) for k, _ in key_values]
-            self._values = [v.new_empty(*v.shape[:2], self.capacity, v.shape[3]) for _, v in key_values]
-            self.key_valid = torch.zeros(self.batch, self.capacity, dtype=torch.bool, device=valid.device)
-        end = self.length + s
-        if end > self.capacity:
-            self._grow(end)
-        for c, (k, v) in enumerate(key_values):
-            self._keys[c][:, :, self.length : end] = k
-            self._values[c][:, :, self.length : end] = v
-        self.key_valid[:, self.length : end] = valid.bool()
-        self.length = end
-
-    def crop(self, length: int) -> None:
-        """Forget every position from ``length`` on (the augment re-tokenized its tail)."""
-        self.length = min(self.length, length)
-
-    def key_values(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Views of what is filled: per connection (keys, values), each (b, h, length, d)."""
-        n = self.length
-        return [(k[:, :, :n], v[:, :, :n]) for k, v in zip(self._keys, self._values)]
+from ..core.padding import pad_rows
+from .decoding_cache import CompositionCache
 
 
 def _logits_processors(
@@ -156,8 +105,6 @@ def generate(
         (b, t + n) ids: the prompts followed by up to ``max_new_tokens`` new tokens, padded with
         ``pad_token_id`` after a sequence ended.
     """
-    from transformers import StoppingCriteriaList, StopStringCriteria
-
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
     if max_new_tokens < 0:
@@ -165,76 +112,91 @@ def generate(
     anchor = model.anchor
     device = introspect.model_device(anchor)
     input_ids = input_ids.to(device)
-    b, t = input_ids.shape
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    attention_mask = attention_mask.to(device).long()
+    attention_mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).to(device).long()
     if (attention_mask.sum(-1) == 0).any():
         raise ValueError("A prompt in the batch is all padding; give every prompt at least one token")
     eos = _eos_ids(anchor, eos_token_id)
     if pad_token_id is None:
         pad_token_id = getattr(anchor.config, "pad_token_id", None)
         pad_token_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-    processors = _logits_processors(do_sample, temperature, top_k, top_p, repetition_penalty)
+    sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                    repetition_penalty=repetition_penalty)
+    composed = model.composition_enabled
+    own_tokenizer = composed and any(not model.shares_tokenizer(a) for a in range(len(model.augments)))
+    if own_tokenizer and input_ids.shape[0] > 1:
+        if streamer is not None:
+            raise ValueError("A streamer takes one prompt at a time; pass a batch of one")
+        return _one_prompt_at_a_time(model, input_ids, attention_mask, max_new_tokens, sampling, eos, pad_token_id,
+                                     stop_strings, tokenizer, seed)
+    generator = torch.Generator(device=device).manual_seed(seed) if do_sample and seed is not None else None
+    decoding = _Decoding(processors=_logits_processors(**sampling), criteria=_stopping(model, stop_strings, tokenizer),
+                         do_sample=do_sample, generator=generator, eos=eos, pad_token_id=pad_token_id)
+    if own_tokenizer:
+        input_ids = input_ids[:, attention_mask[0].bool()]
+        attention_mask = torch.ones_like(input_ids)
+        step: Any = _CrossStepper(model, input_ids.shape[1] + max_new_tokens)
+    else:
+        step = _Stepper(model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, composed)
+    return _decode(step, input_ids, attention_mask, max_new_tokens, decoding, streamer)
+
+
+@dataclass
+class _Decoding:
+    """How each next token is chosen and when a sequence ends (for one call of :func:`generate`)."""
+
+    processors: Any  # a transformers LogitsProcessorList
+    criteria: Any  # a transformers StoppingCriteriaList
+    do_sample: bool
+    generator: Optional[torch.Generator]
+    eos: list[int]
+    pad_token_id: int
+
+
+def _stopping(model: Any, stop_strings: Union[None, str, Sequence[str]], tokenizer: Any) -> Any:
+    """transformers' stopping criteria for ``stop_strings`` (empty without them)."""
+    from transformers import StoppingCriteriaList, StopStringCriteria
+
     criteria = StoppingCriteriaList()
     if stop_strings:
         tok = tokenizer if tokenizer is not None else model.tokenizer
         if tok is None:
             raise ValueError("stop_strings needs the anchor's tokenizer: pass tokenizer=")
         criteria.append(StopStringCriteria(tok, stop_strings))
-    generator = None
-    if do_sample and seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+    return criteria
 
-    composed = model.composition_enabled
-    cross = composed and any(not model.shares_tokenizer(a) for a in range(len(model.augments)))
-    if cross and b > 1:
-        # Re-tokenizing for the augment is per text: decode each prompt on its own.
-        if streamer is not None:
-            raise ValueError("A streamer takes one prompt at a time; pass a batch of one")
-        rows = []
-        for row in range(b):
-            keep = attention_mask[row].bool()
-            rows.append(generate(
-                model, input_ids[row : row + 1, keep], max_new_tokens=max_new_tokens, do_sample=do_sample,
-                temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                eos_token_id=eos, pad_token_id=pad_token_id, stop_strings=stop_strings, tokenizer=tokenizer,
-                seed=None if seed is None else seed + row,
-            )[0, int(keep.sum()):])
-        width = max(len(r) for r in rows)
-        new = torch.full((b, width), pad_token_id, dtype=input_ids.dtype, device=device)
-        for row, tokens in enumerate(rows):
-            new[row, : len(tokens)] = tokens
-        return torch.cat([input_ids, new], dim=1)
-    if cross:
-        input_ids = input_ids[:, attention_mask[0].bool()]
-        attention_mask = torch.ones_like(input_ids)
-        t = input_ids.shape[1]
-        step: Any = _CrossStepper(model, t + max_new_tokens)
-    else:
-        step = _Stepper(model, b, t + max_new_tokens, composed)
+
+def _decode(step: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+            decoding: _Decoding, streamer: Any) -> torch.Tensor:
+    """The decoding loop: prefill through ``step``, then one token at a time until EOS, a stop or the limit.
+
+    Args:
+        step: a stepper: (sequences, attention_mask, positions, n new) -> last logits (b, V).
+        input_ids, attention_mask: (b, t) prompts.
+    Returns:
+        (b, t + n) ids.
+    """
+    b, t = input_ids.shape
     positions = positions_from_mask(attention_mask)  # (b, t)
     logits = step(input_ids, attention_mask, positions, t)  # (b, V)
-
     sequences = input_ids
-    unfinished = torch.ones(b, dtype=torch.bool, device=device)
+    unfinished = torch.ones(b, dtype=torch.bool, device=input_ids.device)
     if streamer is not None:
         streamer.put(input_ids.cpu())
     for _ in range(max_new_tokens):
-        scores = processors(sequences, logits.float())
-        if do_sample:
+        scores = decoding.processors(sequences, logits.float())
+        if decoding.do_sample:
             probs = torch.softmax(scores, dim=-1)
-            next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (b,)
+            next_tokens = torch.multinomial(probs, 1, generator=decoding.generator).squeeze(1)  # (b,)
         else:
             next_tokens = scores.argmax(dim=-1)  # (b,)
-        next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
+        next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, decoding.pad_token_id))
         sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
         if streamer is not None:
             streamer.put(next_tokens.cpu())
-        if eos:
-            unfinished &= ~torch.isin(next_tokens, torch.tensor(eos, device=device))
-        if len(criteria):
-            unfinished &= ~criteria(sequences, scores)
+        if decoding.eos:
+            unfinished &= ~torch.isin(next_tokens, torch.tensor(decoding.eos, device=next_tokens.device))
+        if len(decoding.criteria):
+            unfinished &= ~decoding.criteria(sequences, scores)
         if not unfinished.any() or sequences.shape[1] == t + max_new_tokens:
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(next_tokens)[:, None]], dim=1)
@@ -243,6 +205,22 @@ def generate(
     if streamer is not None:
         streamer.end()
     return sequences
+
+
+def _one_prompt_at_a_time(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                          sampling: dict[str, Any], eos: list[int], pad_token_id: int, stop_strings: Any,
+                          tokenizer: Any, seed: Optional[int]) -> torch.Tensor:
+    """A batch decoded prompt by prompt (an augment with its own tokenizer re-tokenizes each text on its own)."""
+    rows = []
+    for row in range(input_ids.shape[0]):
+        keep = attention_mask[row].bool()
+        rows.append(generate(
+            model, input_ids[row : row + 1, keep], max_new_tokens=max_new_tokens, **sampling, eos_token_id=eos,
+            pad_token_id=pad_token_id, stop_strings=stop_strings, tokenizer=tokenizer,
+            seed=None if seed is None else seed + row,
+        )[0, int(keep.sum()):])
+    new, _ = pad_rows(rows, pad_token_id)  # (b, n): each row's new tokens, padded after its end
+    return torch.cat([input_ids, new.to(input_ids)], dim=1)
 
 
 class _Stepper:

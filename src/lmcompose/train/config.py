@@ -8,17 +8,17 @@ the weights (a resumed run must agree with its checkpoint on it). The CLI builds
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
-from ..core.fields import check_value, config_field
+from ..core.fields import DictConfig, check_value, config_field
 
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 PRECISIONS = ("no", "bf16")
 
 @dataclass
-class TrainingConfig:
+class TrainingConfig(DictConfig):
     """How the composition is trained. Only the connections learn; the base models stay frozen."""
 
     seed: int = config_field(0, "seed of the data order (one permutation per epoch) and of every RNG", "seed",
@@ -73,30 +73,6 @@ class TrainingConfig:
             setattr(self, spec.name, check_value(spec, getattr(self, spec.name)))
         if self.max_steps is not None and self.epochs is not None:
             raise ValueError("Give either max_steps or epochs, not both")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as a plain dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainingConfig":
-        """Build from :meth:`to_dict` output; unknown keys are an error naming them."""
-        if not isinstance(data, dict):
-            raise ValueError(f"A TrainingConfig is a mapping of field names to values, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(map(str, data)) - known)
-        if unknown:
-            raise ValueError(f"Unknown TrainingConfig fields {unknown}; known fields are {sorted(known)}")
-        return cls(**data)
-
-    def to_json(self) -> str:
-        """The config as JSON text."""
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> "TrainingConfig":
-        """Parse :meth:`to_json` output."""
-        return cls.from_dict(json.loads(text))
 
     def to_yaml(self) -> str:
         """The config as YAML text."""

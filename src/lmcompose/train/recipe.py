@@ -12,7 +12,6 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
@@ -21,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..core.padding import pad_token_id
 from ..io.atomic import publish_directory, remove_stale_temporaries, remove_unpublished
-from ..io.augment_cache import WithAugmentStates, open_or_build_cache
+from ..io.augment_cache import with_cached_states
 from ..io.collate import collator_for
 from ..io.datasets import data_fingerprint
 from ..io.input_checks import check_example_lengths
@@ -39,6 +38,7 @@ from .config import TrainingConfig
 from .evaluation import completion_scores, evaluate_loss
 from .faults import StopSignals, TrainingDivergedError, stop_diverged
 from .run_log import append_metrics, plot_losses, read_metrics, truncate_metrics
+from .run_state import RunState, TrainingResult
 from .sampler import EpochShuffleSampler
 
 __all__ = ["Recipe", "RunState", "TrainingConfig", "TrainingDivergedError", "TrainingResult", "train"]
@@ -52,61 +52,12 @@ PLOT_NAME = "loss.png"
 CACHE_DIR = "augment_cache"
 
 
-@dataclass
-class TrainingResult:
-    """What a finished run reports.
-
-    Args:
-        step: optimiser steps taken in total (resumed runs included).
-        train_loss: mean train loss of the last logged window (None when no step ran here).
-        eval_metrics: the last evaluation (empty without eval data).
-        composition_dir: where the final composition was saved (None when the run was interrupted).
-        resumed_from: the checkpoint the run continued from, if any.
-        interrupted: the signal ("SIGTERM", "SIGINT") that stopped the run early, else None.
-        checkpoint: the checkpoint written when the run was interrupted (resume from it).
-    """
-
-    step: int
-    train_loss: Optional[float]
-    eval_metrics: dict[str, Any] = field(default_factory=dict)
-    composition_dir: Optional[Path] = None
-    resumed_from: Optional[Path] = None
-    interrupted: Optional[str] = None
-    checkpoint: Optional[Path] = None
-
-
-@dataclass
-class RunState:
-    """Everything that changes while a run goes: where it is (what a checkpoint records) and the logging window."""
-
-    step: int = 0  # optimiser steps done
-    epoch: int = 0  # the current epoch
-    position: int = 0  # micro-batches of the current epoch consumed
-    window_losses: list = field(default_factory=list)  # micro-batch losses since the last train record
-    window_tokens: int = 0  # tokens (padding excluded) since the last train record
-    window_start: float = 0.0  # perf_counter() at the start of the window
-    epoch_start: float = 0.0  # perf_counter() at the start of the epoch
-    grad_norm: Optional[torch.Tensor] = None  # of the last optimiser step (before clipping)
-    nonfinite: Optional[torch.Tensor] = None  # () bool: this optimiser step saw a NaN/inf loss so far
-    stop: Optional[int] = None  # the signal every rank agreed to stop on
-    saved_at: Optional[Path] = None  # the checkpoint written at the last optimiser step, if any
-    last_loss: Optional[float] = None  # mean train loss of the last logged window
-    last_eval: dict = field(default_factory=dict)  # the last evaluation record
-
-
 class Recipe:
     """One training run of ``model``'s composition; see :func:`train` for the arguments and what it writes."""
 
-    def __init__(
-        self,
-        model: Any,
-        train_dataset: Dataset,
-        eval_dataset: Optional[Dataset] = None,
-        config: Optional[TrainingConfig] = None,
-        output_dir: Union[str, Path, None] = None,
-        resume: bool = False,
-        tokenizer: Any = None,
-    ) -> None:
+    def __init__(self, model: Any, train_dataset: Dataset, eval_dataset: Optional[Dataset] = None,
+                 config: Optional[TrainingConfig] = None, output_dir: Union[str, Path, None] = None,
+                 resume: bool = False, tokenizer: Any = None) -> None:
         if output_dir is None:
             raise TypeError("train() needs output_dir: the directory for checkpoints, metrics and the composition")
         self.model = model
@@ -205,16 +156,11 @@ class Recipe:
 
     def _open_augment_cache(self) -> None:
         """Wrap the datasets so each item carries its augments' states, computed once (or reused from disk)."""
-        config, pad_id = self.config, pad_token_id(self.tokenizer, self.model)
         started = time.perf_counter()
-        with self.accelerator.main_process_first(), self.accelerator.autocast():
-            cache, built = open_or_build_cache(self.model, self.train_dataset, self.output / CACHE_DIR / "train",
-                                               config.mixed_precision, self.eval_batch_size, pad_id)
-            self.train_data = WithAugmentStates(self.train_dataset, cache)
-            if self.eval_dataset is not None:
-                eval_cache, _ = open_or_build_cache(self.model, self.eval_dataset, self.output / CACHE_DIR / "eval",
-                                                    config.mixed_precision, self.eval_batch_size, pad_id)
-                self.eval_data = WithAugmentStates(self.eval_dataset, eval_cache)
+        with self.accelerator.main_process_first(), self.accelerator.autocast():  # rank 0 builds, the others read
+            self.train_data, self.eval_data, built = with_cached_states(
+                self.model, self.train_dataset, self.eval_dataset, self.output / CACHE_DIR, self.config.mixed_precision,
+                self.eval_batch_size, pad_token_id(self.tokenizer, self.model))
         seconds = time.perf_counter() - started
         self.cache_report = {"built": built, "seconds": seconds}
         logger.info("augment cache %s in %.2fs", "built" if built else "reused", seconds)
@@ -425,15 +371,9 @@ class Recipe:
                               composition_dir=composition_dir, resumed_from=self.start_from)
 
 
-def train(
-    model: Any,
-    train_dataset: Dataset,
-    eval_dataset: Optional[Dataset] = None,
-    config: Optional[TrainingConfig] = None,
-    output_dir: Union[str, Path, None] = None,
-    resume: bool = False,
-    tokenizer: Any = None,
-) -> TrainingResult:
+def train(model: Any, train_dataset: Dataset, eval_dataset: Optional[Dataset] = None,
+          config: Optional[TrainingConfig] = None, output_dir: Union[str, Path, None] = None, resume: bool = False,
+          tokenizer: Any = None) -> TrainingResult:
     """Train the composition of ``model`` (in place) on ``train_dataset``.
 
     Writes into ``output_dir``: ``metrics.jsonl`` (train and eval records), ``checkpoints/step-N/``

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -16,111 +14,11 @@ from torch import nn
 
 from ...model.composed import ComposedModel
 from ...core.config import CompositionConfig
-from .task import Example, KVRepository, KVTaskConfig, build_tokenizer, num_math_example, paper_task
+from .config import PRESETS, KVPipelineConfig
+from .task import Example, KVRepository, build_tokenizer, num_math_example
 from .training import batches, exact_match, train_loop
 
 DATASETS = ("KV-SUBS", "NUM-MATH", "KV-MATH")
-
-
-@dataclass
-class KVPipelineConfig:
-    """Every scaling decision of the experiment. Defaults: the CPU "quick" preset (see experiments/kv/LOG.md)."""
-
-    task: KVTaskConfig = field(default_factory=KVTaskConfig)
-    # anchor m_B: knows arithmetic (NUM-MATH), never sees a key. 4x128 learns NUM-MATH over 1..19 to ~80% in 4000
-    # steps and to 93.7-98.1% in 8000 with the embedding noise below (LOG.md runs 55, 58; over 1..9 it needed
-    # 2000-3000 steps). 8000: CALM's NUM-MATH is then 1.9-6.0 points above m_B's (14-21 after 4000 steps: D_C's
-    # NUM-MATH finishes an unfinished anchor's arithmetic), for ~4.5 min more from scratch (70 ms a step, on the core
-    # that the augment's training leaves idle after 1.5 min). lr 2e-3 finished it no faster (run 58a).
-    anchor_layers: int = 4
-    anchor_hidden: int = 128
-    anchor_heads: int = 4
-    anchor_steps: int = 8000
-    anchor_lr: float = 1e-3
-    # The anchor never sees a key in training, so its embedding rows for keys stay distinct random vectors, which a
-    # composition uses to memorise the held-in keys' values instead of reading them from the augment (held-out
-    # 26% vs held-in 38% at 600 steps; 37% vs 45% with this; LOG.md runs 24-26). True: every key gets the anchor's
-    # <unk> embedding, what an anchor whose vocabulary lacks the keys would read. The key knowledge must then come
-    # from the augment, which is the point of the experiment.
-    anchor_unknown_keys: bool = True
-    # Gaussian noise added to the anchor's input embeddings while it trains, times their RMS. The anchor then
-    # tolerates an update written into its embeddings (the connections at anchor layer -1 below): at 0.5, NUM-MATH
-    # stays at 100% and held-out KV-MATH reaches 48.4% in 600 steps, vs 37.2% and NUM-MATH -10 points without noise
-    # (LOG.md run 41); more noise made the anchor easier still to compose with while the augment was under-trained
-    # (LOG.md runs 47-49). Over 1..19: 1.0 with 4000 steps gives m_B 79.8% NUM-MATH and CALM 99.8%, 1.5 with 5000
-    # steps 76.2% and 99.6% (LOG.md run 55); 1.0 with 8000 steps 98.1% and 100% (run 58).
-    anchor_embedding_noise: float = 1.0
-    # augment m_A: memorises keys (KV-SUBS over all keys), no arithmetic. 2x96 reaches 100% in 400 steps, but trained
-    # on, its states keep each key's value cleaner of the other keys in the prompt, and composition generalises far
-    # better: held-out KV-MATH 75.0% with 500 steps, 95.4% with 1500, 98.6% with 3000 (77 s; LOG.md run 54).
-    augment_layers: int = 2
-    augment_hidden: int = 96
-    augment_heads: int = 4
-    augment_steps: int = 3000
-    augment_lr: float = 2e-3
-    batch_size: int = 64  # examples per step, every training run
-    # composition: (augment_layer, anchor_layer) pairs; anchor layer -1 is the embeddings. The anchor's block 0
-    # already moves operand information to other positions (LOG.md run 5/10), so the augment's key knowledge is
-    # written into the embeddings (before any mixing), from both augment blocks, and after blocks 0 and 1; rotary
-    # lets a query pick its own position. (0,0),(1,1),(1,2) without the embeddings: 36.8% at 600 steps vs 48.4%
-    # (LOG.md runs 26a, 41b); the second connection into the embeddings, (0,-1): 65.8% vs 61.0% at 1500 steps for
-    # ~4% more time per step (LOG.md runs 46d, 46j).
-    connections: list = field(default_factory=lambda: [[1, -1], [0, -1], [0, 0], [1, 1]])
-    rotary: bool = True
-    # cross-attention heads; None: the anchor's (paper). Quick: 32 (head dim 4): same parameters as 4 or 16 heads,
-    # fits faster early (held-out 37.8% at step 600 vs 31.2% with 16 heads and 22.2% with 4) and ends level with 16
-    # (51.8% vs 51.4% at 1500 steps; LOG.md runs 13, 15, 16)
-    compose_heads: Optional[int] = 32
-    # steps of CALM and of CALM with a random m_A (the matched control, same steps). Quick: 1500, what fits the
-    # 5-minute budget with cached bases (two processes, ~0.13 s per step each on a 2-core CPU). With the preset's
-    # bases CALM reaches 99.4-100% held-out on seeds 0-3 (LOG.md run 58); with weaker augments accuracy still rose
-    # with more steps.
-    compose_steps: int = 1500
-    # steps of LoRA and full fine-tuning on D_C; None: compose_steps. Quick: 750 (keeps the cached run under 5
-    # minutes). Fine-tuning fits D_C (loss 0.10 at step 750 and 0.06 at 1000 of a 1000-step run: it learns the
-    # held-in keys through their embedding rows); LoRA, which leaves the embeddings alone, cannot tell keys apart
-    # (all <unk> to the anchor) and plateaus at loss ~0.8 from step 500. Neither can reach a held-out key's value:
-    # after 1000 steps both scored 9.2% (LOG.md run 42), with distinct key rows after 1500 steps 6.6% and 8.4%.
-    baseline_steps: Optional[int] = 750
-    compose_lr: float = 3e-3  # 6e-3 with 15% NUM-MATH collapsed NUM-MATH to 20% and fitted slower (LOG.md run 20)
-    # fraction of NUM-MATH examples mixed into D_C; KV-MATH alone at lr >= 1e-3 erases the anchor's arithmetic
-    num_math_mix: float = 0.3
-    lora_lr: float = 3e-3  # LoRA on m_B, rank matched to CALM's parameter count (paper Table 5)
-    finetune_lr: float = 3e-4  # full fine-tuning of m_B on D_C
-    threads: int = 1  # torch threads per process (tiny models: one thread per core is fastest)
-    # processes training the four D_C rows side by side (each with ``threads`` threads); 0: cores // threads
-    # (one process when threads is 0)
-    workers: int = 0
-    seed: int = 0  # seed of model initialisation and data streams (the task has its own seed)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return asdict(self)
-
-    def base_fingerprint(self) -> str:
-        """A short hash of everything the two base models depend on (their cache key)."""
-        d = self.to_dict()
-        keep = {k: v for k, v in d.items() if k.startswith(("anchor_", "augment_")) or k in ("task", "batch_size", "seed")}
-        keep["task"] = {k: v for k, v in keep["task"].items() if k != "num_eval"}
-        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def quick_config(seed: int = 0) -> KVPipelineConfig:
-    """The CPU preset: 400 one-token keys, values 1..19, 2-3 operands."""
-    return KVPipelineConfig(task=KVTaskConfig(seed=seed), seed=seed)
-
-
-def paper_config(seed: int = 0) -> KVPipelineConfig:
-    """The paper's scale (25K keys, 3-6 operands, + - x), for a GPU. Sizes are a guess, never run here."""
-    return KVPipelineConfig(
-        task=paper_task(seed), anchor_layers=12, anchor_hidden=512, anchor_heads=8, anchor_steps=50_000,
-        anchor_lr=5e-4, augment_layers=8, augment_hidden=256, augment_heads=4, augment_steps=30_000,
-        augment_lr=1e-3, batch_size=256, connections=[[1, 0], [3, 3], [5, 6], [7, 9]],
-        compose_steps=20_000, compose_lr=1e-3, threads=0, seed=seed,
-    )
-
-
-PRESETS: dict[str, Callable[[int], KVPipelineConfig]] = {"quick": quick_config, "paper": paper_config}
 
 
 # ----------------------------------------------------------------------------- data

@@ -33,31 +33,15 @@ OPERATORS = ("+", "-", "*")
 class KVTaskConfig:
     """The key-value task's scale. Defaults are the CPU ("quick") scale; see ``paper_task()``."""
 
-    # N_KV, number of keys (paper: 25K). Quick: 400 single-token keys, which the augment memorises in about a
-    # minute; ~21 keys per value (see value_max).
-    num_keys: int = 400
-    # None: unique values 1..N_KV (paper). Else values 1..value_max, each given to N_KV/value_max keys.
-    # Quick: 19. Over 100 unique number tokens a 4-layer anchor reached 66% in 4 minutes, and a composition fitted on
-    # 20 held-in values never generalised to the 80 unseen ones (experiments/kv/LOG.md runs 1-5), hence a small
-    # shared range. 19 rather than 9: a key-blind anchor can at best guess 4.5% of KV-MATH answers over 1..19 (9.6%
-    # over 1..9, where m_B scored 4.8-9.4%; KVRepository.key_blind_ceiling), so m_B's floor stays under the
-    # target's 5%. With 400 keys every value has ~21 keys, 4 of them held in, as with 200 keys over 1..9 (LOG.md
-    # runs 17, 55).
-    value_max: Optional[int] = 19
+    num_keys: int = 400  # N_KV, single-token keys (paper: 25K)
+    value_max: Optional[int] = 19  # values 1..value_max shared by many keys; None: unique 1..N_KV (runs 1-5, 17, 55)
     min_key_chars: int = 2  # shortest key string (paper: 2)
     max_key_chars: int = 6  # longest key string (paper: 6)
-    # operands per expression (paper: 3-6 keys). Quick: 2-3, what a 4-layer anchor learns in minutes.
-    min_operands: int = 2
+    min_operands: int = 2  # operands per expression (paper: 3-6)
     max_operands: int = 3
-    # operators joining operands (paper: + - x). Quick: + and - only; a tiny anchor does not learn x quickly.
-    operators: tuple = ("+", "-")
-    # fraction of keys that composition data D_C may use (paper: 20%); evaluation uses only the others.
-    held_in_fraction: float = 0.2
-    # held-out evaluation expressions (each gives one KV-SUBS/KV-MATH/NUM-MATH triple). 2000: a key-blind model's
-    # best guess rate on KV-MATH (4.53% in the quick task, see key_blind_ceiling) then has a standard error of ~0.5
-    # points instead of ~0.9 with 500, so the "< 5%" target measures the model, not the sample (experiments/kv/LOG.md
-    # run 58); evaluation takes seconds per row.
-    num_eval: int = 2000
+    operators: tuple = ("+", "-")  # operators joining operands (paper: + - x)
+    held_in_fraction: float = 0.2  # fraction of keys that composition data D_C may use (paper: 20%)
+    num_eval: int = 2000  # held-out evaluation expressions, each a KV-SUBS/KV-MATH/NUM-MATH triple (run 58)
     seed: int = 0  # seed of keys, values, split and every sampled expression
 
     def __post_init__(self) -> None:
