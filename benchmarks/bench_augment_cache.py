@@ -19,8 +19,8 @@ import torch
 from lmcompose import ComposedModel
 from lmcompose.io.datasets import TokenizedDataset
 from lmcompose.testing import tiny_causal_lm
-from lmcompose.train.run_log import read_metrics
 from lmcompose.train.recipe import TrainingConfig, train
+from lmcompose.train.run_log import read_metrics
 
 VOCAB = 256
 

@@ -22,10 +22,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch
 
-from common import interleaved_medians, machine, table
 from lmcompose import ComposedModel, CompositionConfig
 from lmcompose.model.generation import greedy_full_recompute
 from lmcompose.testing import tiny_causal_lm
+
+from common import interleaved_medians, machine, table
 
 
 def build(args: argparse.Namespace):

@@ -28,14 +28,15 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch
-
 from bench_generate import HEADERS as GENERATION_HEADERS
 from bench_generate import calm_pytorch, generation_row
 from bench_train import build_step
-from common import interleaved_medians, machine, table
+
 from lmcompose import ComposedModel, CompositionConfig
 from lmcompose.core import introspect
 from lmcompose.core.config import resolve_connections
+
+from common import interleaved_medians, machine, table
 
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s.
 PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}

@@ -30,10 +30,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch
 from torch import nn
 
-from common import TensorMemory, interleaved_medians, machine, table
 from lmcompose import ComposedModel, CompositionConfig
 from lmcompose.core import introspect
 from lmcompose.testing import tiny_causal_lm
+
+from common import TensorMemory, interleaved_medians, machine, table
 
 CASES = ("composed", "composed-recompute", "floor", "lora", "calm-pytorch")
 

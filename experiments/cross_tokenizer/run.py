@@ -29,12 +29,15 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch
 
 from lmcompose import ComposedModel, CompositionConfig
-from lmcompose.completion import generate_completions
-from lmcompose.data import Records, TokenizedDataset, encode_prompt, tokenize_records
-from lmcompose.evaluation import evaluate
-from lmcompose.models import load_base, tiny_causal_lm
-from lmcompose.tasks.kv_training import train_loop
-from lmcompose.training import TrainingConfig, train
+from lmcompose.core.tokens import encode_prompt
+from lmcompose.demos.kv.training import train_loop
+from lmcompose.io.bases import load_base
+from lmcompose.io.datasets import TokenizedDataset, tokenize_records
+from lmcompose.io.jsonl import Records
+from lmcompose.model.completion import generate_completions
+from lmcompose.testing import tiny_causal_lm
+from lmcompose.train import TrainingConfig, train
+from lmcompose.train.evaluation import evaluate
 
 # Ten cities whose names SmolLM2 writes easily: the answer is one of them (chance = 10%).
 CITIES = ["Paris", "London", "Tokyo", "Cairo", "Lima", "Oslo", "Rome", "Berlin", "Madrid", "Dublin"]
@@ -168,7 +171,7 @@ def composition_data(held_in, texts, tokenizer, prompt: str):
                             references=questions.references + ordinary.references)
 
 
-def exact_match(model, tokenizer, people, prompt: str) -> float:
+def city_accuracy(model, tokenizer, people, prompt: str) -> float:
     """Percent of questions answered with exactly the right city (the first line of the answer)."""
     prompts = [encode_prompt(tokenizer, prompt.format(name=n)) for n, _ in people]
     answers = generate_completions(model, tokenizer, prompts, max_new_tokens=4, batch_size=16)
@@ -227,7 +230,7 @@ def main() -> None:
     train_data = composition_data(held_in, anchor_samples(anchor, tokenizer, args.anchor_texts, args.seed), tokenizer,
                                   prompt)
     with model.disable_composition():
-        alone = {"held_in": exact_match(model, tokenizer, held_in, prompt), "held_out": exact_match(model, tokenizer, held_out, prompt),
+        alone = {"held_in": city_accuracy(model, tokenizer, held_in, prompt), "held_out": city_accuracy(model, tokenizer, held_out, prompt),
                  "general_loss": general_loss(model, tokenizer)}
     log(f"SmolLM2 alone: {alone}")
     phase("SmolLM2 alone (load + score)", start)
@@ -240,7 +243,7 @@ def main() -> None:
     phase(f"composition training ({args.steps} steps)", start)
 
     start = (time.time(), cpu_seconds())
-    composed = {"held_in": exact_match(model, tokenizer, held_in, prompt), "held_out": exact_match(model, tokenizer, held_out, prompt),
+    composed = {"held_in": city_accuracy(model, tokenizer, held_in, prompt), "held_out": city_accuracy(model, tokenizer, held_out, prompt),
                 "general_loss": general_loss(model, tokenizer)}
     log(f"composed: {composed}")
     phase("composed (score)", start)

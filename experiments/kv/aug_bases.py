@@ -13,8 +13,10 @@ from pathlib import Path
 
 import torch
 
+from lmcompose.demos.kv.config import quick_config
+from lmcompose.demos.kv.pipeline import train_base
+
 from common import add_task_options, apply_task_options
-from lmcompose.tasks.kv_pipeline import quick_config, train_base
 
 
 def main() -> None:

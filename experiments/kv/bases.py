@@ -1,6 +1,7 @@
-"""Exploration: train (or load) the pipeline's two bases for a task variant and score them (teacher-forced EM).
+"""Train (or load) the pipeline's two bases for a task variant and score them (teacher-forced EM): LOG.md runs 53-58.
 
-Usage: python bases.py --value-max 19 --num-keys 200 --anchor-steps 3000 --augment-steps 500
+Usage: python bases.py --value-max 19 --num-keys 400 --anchor-steps 8000 --augment-steps 3000 --noise 1.0 [--anchor-lr LR]
+       (run 58a: --anchor-lr 2e-3 --seed 1 and --seed 2)
 Bases go to cache/pipeline/<fingerprint>/ (the pipeline's own cache layout); the folder is printed.
 """
 
@@ -11,9 +12,11 @@ from pathlib import Path
 
 import torch
 
-from common import anchor_scores, exact_match, held_out_sets
-from lmcompose.tasks.kv import KVRepository, KVTaskConfig
-from lmcompose.tasks.kv_pipeline import KVPipelineConfig, load_or_train_bases
+from lmcompose.demos.kv.config import KVPipelineConfig
+from lmcompose.demos.kv.pipeline import load_or_train_bases
+from lmcompose.demos.kv.task import KVRepository, KVTaskConfig
+
+from common import anchor_scores, held_out_sets, teacher_forced_accuracy
 
 
 def main() -> None:
@@ -40,7 +43,7 @@ def main() -> None:
     print("folder", Path("cache/pipeline") / config.base_fingerprint(), {k: v for k, v in info.items() if k != "config"})
     subs = held_out_sets(repo, tok)["KV-SUBS"]
     print(f"RESULT bases {vars(args)} anchor {anchor_scores(anchor, repo, tok)} "
-          f"augment KV-SUBS {exact_match(augment, subs, tok.pad_token_id):.1f}% held-in keys {len(repo.held_in)}")
+          f"augment KV-SUBS {teacher_forced_accuracy(augment, subs, tok.pad_token_id):.1f}% held-in keys {len(repo.held_in)}")
 
 
 if __name__ == "__main__":

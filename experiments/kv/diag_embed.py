@@ -20,12 +20,14 @@ from pathlib import Path
 
 import torch
 
-from common import collate, encode, exact_match
 from lmcompose import ComposedModel
-from lmcompose.cross_attention import apply_rotary
-from lmcompose.tasks.kv import KVRepository
-from lmcompose.tasks.kv_pipeline import composition_config, composition_data, embedding_noise, load_bases, quick_config
-from lmcompose.tasks.kv_training import batches, train_loop
+from lmcompose.core.cross_attention import apply_rotary
+from lmcompose.demos.kv.config import quick_config
+from lmcompose.demos.kv.pipeline import composition_config, composition_data, embedding_noise, load_bases
+from lmcompose.demos.kv.task import KVRepository
+from lmcompose.demos.kv.training import batches, train_loop
+
+from common import collate, encode, teacher_forced_accuracy
 
 
 def main() -> None:
@@ -84,7 +86,7 @@ def main() -> None:
                                 + torch.full((ids.shape[1],) * 2, float("-inf")).triu(1), -1)  # (N, h, t, s)
             own = torch.stack([att[:, :, p, p] for p in key_pos], -1).mean(1)  # (N, n)
             gap = (x - emb_numbers[values - 1]).norm(dim=-1) / emb_numbers[values - 1].norm(dim=-1)
-        print(f"{n} operands ({len(group)} expressions): composed KV-MATH {exact_match(model, pairs, pad):.1f}%")
+        print(f"{n} operands ({len(group)} expressions): composed KV-MATH {teacher_forced_accuracy(model, pairs, pad):.1f}%")
         print(f"  nearest number embedding = value at key position: {100 * ok.float().mean():.1f}% of keys, "
               f"all keys of the expression {100 * ok.all(1).float().mean():.1f}%; per slot "
               f"{[round(100 * ok[:, i].float().mean().item(), 1) for i in range(n)]}")
@@ -93,14 +95,14 @@ def main() -> None:
         # accuracy restricted to expressions whose substitution is right
         right = [p for p, good in zip(pairs, ok.all(1).tolist()) if good]
         wrong = [p for p, good in zip(pairs, ok.all(1).tolist()) if not good]
-        print(f"  KV-MATH where every key's nearest is right: {exact_match(model, right, pad) if right else 0:.1f}% "
-              f"({len(right)}), where one is wrong: {exact_match(model, wrong, pad) if wrong else 0:.1f}% ({len(wrong)})")
+        print(f"  KV-MATH where every key's nearest is right: {teacher_forced_accuracy(model, right, pad) if right else 0:.1f}% "
+              f"({len(right)}), where one is wrong: {teacher_forced_accuracy(model, wrong, pad) if wrong else 0:.1f}% ({len(wrong)})")
         with model.disable_composition():
-            print(f"  anchor alone NUM-MATH {exact_match(model, num_pairs, pad):.1f}%")
+            print(f"  anchor alone NUM-MATH {teacher_forced_accuracy(model, num_pairs, pad):.1f}%")
             embeddings = anchor.get_input_embeddings().train()  # the noise hook acts in training mode only
             for scale in (0.25, 0.5):
                 h = embedding_noise(anchor, scale, seed=0)
-                print(f"  anchor alone NUM-MATH with noise {scale}: {exact_match(model, num_pairs, pad):.1f}%")
+                print(f"  anchor alone NUM-MATH with noise {scale}: {teacher_forced_accuracy(model, num_pairs, pad):.1f}%")
                 h.remove()
             embeddings.eval()
         # oracle: the composed model reading the value's embedding (plus the update) at key positions
@@ -110,7 +112,7 @@ def main() -> None:
                 out[:, p] = emb_table[numbers[values[:, i] - 1]]
             return out
         h = anchor.get_input_embeddings().register_forward_hook(oracle)
-        print(f"  composed with value embeddings at key positions: {exact_match(model, pairs, pad, batch=10000):.1f}%")
+        print(f"  composed with value embeddings at key positions: {teacher_forced_accuracy(model, pairs, pad, batch=10000):.1f}%")
         h.remove()
 
 

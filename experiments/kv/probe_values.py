@@ -15,9 +15,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lmcompose.demos.kv.config import quick_config
+from lmcompose.demos.kv.pipeline import load_bases
+from lmcompose.demos.kv.task import KVRepository, key_text
+
 from common import add_task_options, apply_task_options
-from lmcompose.tasks.kv import KVRepository, key_text
-from lmcompose.tasks.kv_pipeline import load_bases, quick_config
 
 
 def ridge_probe(x_fit, v_fit, x_test, v_test, classes: int) -> float:

@@ -1,9 +1,13 @@
-"""Exploration (runs 46+): the pipeline's CALM row with overrides, including a per-connection attention window
-(a query reads only the last W augment positions up to its own; 0 = every earlier position, the library's default).
+"""The pipeline's CALM row with overrides (LOG.md runs 46-55: connections, heads, steps, lr, batch, D_C mix, clipping,
+weight decay, the share of three-operand expressions), on bases the pipeline cached.
 
-Usage: python window.py BASES [--connections JSON] [--windows JSON] [--steps N] [--heads H] [--seed N] [--three P] [--wd W]
-       [--value-max V --num-keys K]  (the preset's task unless given; must match the bases: runs 46-54 used 9 and 200)
-Reports teacher-forced exact match (= greedy) on held-in / held-out KV-MATH by operand count and NUM-MATH.
+Usage: python window.py BASES [--connections JSON] [--steps N] [--heads H] [--lr LR] [--batch B] [--mix M] [--seed N]
+       [--three P] [--wd W] [--clip C] [--no-rotary] [--value-max V --num-keys K]
+
+BASES is a folder ``lmcompose demo`` wrote (OUTPUT/bases/<fingerprint>); the task options must match it (runs 46-54 used
+--value-max 9 --num-keys 200). Prints teacher-forced exact match (= greedy) on held-in / held-out KV-MATH by operand
+count and NUM-MATH; run 54's held-out 98.6%: ``python window.py BASES_OF_RUN_54 --value-max 9 --num-keys 200``.
+(The per-connection attention window of runs 46a-46c, worse than none, was removed with the layout change.)
 """
 
 from __future__ import annotations
@@ -14,29 +18,14 @@ import random
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-import lmcompose.cross_attention as xa
-from common import add_task_options, apply_task_options, encode, exact_match
 from lmcompose import ComposedModel, CompositionConfig
-from lmcompose.tasks.kv import KVRepository, num_math_example
-from lmcompose.tasks.kv_pipeline import composition_data, load_bases, quick_config
-from lmcompose.tasks.kv_training import batches, train_loop
+from lmcompose.demos.kv.config import quick_config
+from lmcompose.demos.kv.pipeline import composition_data, load_bases
+from lmcompose.demos.kv.task import KVRepository, num_math_example
+from lmcompose.demos.kv.training import batches, train_loop
 
-
-def windowed_forward(self, anchor_hidden, keys, values, mask=None, positions=None):
-    """CrossAttention.forward where query i reads keys i - window + 1 .. i (t == s, shared tokenizer)."""
-    b, t, dim = anchor_hidden.shape
-    q = self._heads(self._query(anchor_hidden))
-    if self.rotary:
-        q = xa.apply_rotary(q, positions)
-    s = keys.shape[2]
-    i, j = torch.arange(t)[:, None] + (s - t), torch.arange(s)[None, :]
-    band = (j <= i) & ((j > i - self.window) if self.window else True)  # (t, s)
-    m = band[None, None] if mask is None else mask & band
-    empty = ~m.any(dim=-1, keepdim=True)
-    y = F.scaled_dot_product_attention(q, keys, values, attn_mask=m | empty).masked_fill(empty, 0.0)
-    return self.out(y.transpose(1, 2).reshape(b, t, dim))
+from common import add_task_options, apply_task_options, encode, teacher_forced_accuracy
 
 
 def three_operand_mix(repo: KVRepository, config, three: float):
@@ -59,7 +48,6 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("bases")
     ap.add_argument("--connections", default=None)
-    ap.add_argument("--windows", default=None, help="JSON list, one window per connection (0: no window)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--heads", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
@@ -86,10 +74,6 @@ def main() -> None:
     torch.manual_seed(config.seed)
     model = ComposedModel(anchor, augment, CompositionConfig(connections=config.connections, rotary=not args.no_rotary,
                                                              num_heads=config.compose_heads))
-    windows = json.loads(args.windows) if args.windows else [0] * len(config.connections)
-    xa.CrossAttention.forward = windowed_forward
-    for connection, w in zip(model.connections[0], windows):
-        connection.window = w
     vocab, bos, eos, pad = tok.get_vocab(), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     ev = repo.evaluation_expressions()
     rin = repo.expressions("held_in", random.Random(5))
@@ -100,9 +84,9 @@ def main() -> None:
         parts = []
         for label, exprs in (("in", held_in), ("out", ev)):
             pairs = [encode(vocab, repo.kv_math(e), bos, eos) for e in exprs]
-            by = {n: exact_match(model, [p for p, e in zip(pairs, exprs) if len(e.keys) == n], pad) for n in (2, 3)}
-            parts.append(f"{label} {exact_match(model, pairs, pad):.1f} ({by[2]:.1f}/{by[3]:.1f})")
-        num = exact_match(model, [encode(vocab, repo.num_math(e), bos, eos) for e in ev], pad)
+            by = {n: teacher_forced_accuracy(model, [p for p, e in zip(pairs, exprs) if len(e.keys) == n], pad) for n in (2, 3)}
+            parts.append(f"{label} {teacher_forced_accuracy(model, pairs, pad):.1f} ({by[2]:.1f}/{by[3]:.1f})")
+        num = teacher_forced_accuracy(model, [encode(vocab, repo.num_math(e), bos, eos) for e in ev], pad)
         model.train()
         return "KV-MATH " + " ".join(parts) + f" NUM {num:.1f}"
 

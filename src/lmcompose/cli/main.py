@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .options import CliError, build_parser, config_from, parse_options
 from ..train.config import TrainingConfig
+from .options import CliError, build_parser, config_from, parse_options
 
 __all__ = ["CliError", "build_parser", "main", "parse_options", "run_demo", "run_eval", "run_generate", "run_train"]
 
@@ -73,10 +73,10 @@ def run_train(opts: argparse.Namespace) -> int:
     import yaml
     from accelerate.utils import set_seed
 
-    from ..io.atomic import atomic_write_text
-    from ..model.composed import ComposedModel
     from ..core.config import CompositionConfig
+    from ..io.atomic import atomic_write_text
     from ..io.datasets import load_dataset
+    from ..model.composed import ComposedModel
     from ..train.recipe import train
 
     anchor, tokenizer, augments, augment_tokenizers = _load(opts)
@@ -113,10 +113,9 @@ def run_generate(opts: argparse.Namespace) -> int:
     """``lmcompose generate``: the completion streams to stdout."""
     from transformers import TextStreamer
 
-    from ..model.completion import complete
-
     from ..core.tokens import encode_prompt
     from ..io.input_checks import composed_context_length
+    from ..model.completion import complete
 
     model, tokenizer = _composed(opts)
     limit, role = composed_context_length(model)
@@ -143,9 +142,8 @@ def run_eval(opts: argparse.Namespace) -> int:
     """``lmcompose eval``: prints a table; ``--output`` also writes JSON."""
     from ..io.atomic import atomic_write_text
     from ..io.datasets import load_dataset
-    from ..train.evaluation import evaluate, format_table
-
     from ..io.input_checks import check_example_lengths
+    from ..train.evaluation import evaluate, format_table
 
     model, tokenizer = _composed(opts)
     data = _with_flag("--data", load_dataset, opts.data, tokenizer, opts.max_length)

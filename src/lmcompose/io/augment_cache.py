@@ -20,11 +20,11 @@ import torch
 from torch.utils.data import Dataset
 
 from ..core import introspect
+from ..core.masking import positions_from_mask
 from ..version import __version__
 from .atomic import atomic_write_text
 from .collate import Collator
 from .datasets import data_fingerprint
-from ..core.masking import positions_from_mask
 
 MANIFEST_NAME = "manifest.json"
 OFFSETS_NAME = "offsets.npy"

@@ -15,8 +15,8 @@ from ..core.config import CompositionConfig, resolve_connections
 from ..core.masking import cross_mask, positions_from_mask, same_position_limit
 from ..core.tokens import same_vocabulary
 from ..io.composition_files import load_composition, save_composition
-from .generation import generate
 from .connections import augment_name, build_connection, check_vocabularies
+from .generation import generate
 from .hooks import capture_outputs, residual_updates
 
 KeyValues = list[tuple[torch.Tensor, torch.Tensor]]  # one (keys, values) pair per connection, each (b, h, s, d)

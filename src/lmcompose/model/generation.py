@@ -134,7 +134,7 @@ def generate(
     if own_tokenizer:
         input_ids = input_ids[:, attention_mask[0].bool()]
         attention_mask = torch.ones_like(input_ids)
-        step: Any = _CrossStepper(model, input_ids.shape[1] + max_new_tokens)
+        step: Any = _RetokenizingStepper(model, input_ids.shape[1] + max_new_tokens)
     else:
         step = _Stepper(model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, composed)
     return _decode(step, input_ids, attention_mask, max_new_tokens, decoding, streamer)
@@ -278,7 +278,7 @@ class _Stepper:
             return model.anchor(input_ids=new_ids, **kwargs).logits[:, -1]
 
 
-class _CrossStepper:
+class _RetokenizingStepper:
     """Decoding when an augment has its own tokenizer (one sequence, no padding).
 
     After each new anchor token the text is decoded and re-tokenized for every such augment; its KV
@@ -382,9 +382,9 @@ def greedy_full_recompute(
 
     sequences = input_ids
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    cross = any(not model.shares_tokenizer(a) for a in range(len(model.augments)))
+    own_tokenizer = any(not model.shares_tokenizer(a) for a in range(len(model.augments)))
     for _ in range(max_new_tokens):
-        if cross:  # re-tokenize the decoded text for every augment, from scratch
+        if own_tokenizer:  # re-tokenize the decoded text for every augment, from scratch
             rows = [row[m.bool()].tolist() for row, m in zip(sequences, mask)]
             batch = align_batch(rows, model.tokenizer, model.augment_tokenizers, padding_side="left")
             batch = {k: v.to(sequences.device) if isinstance(v, torch.Tensor) else

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ..model.completion import generate_completions
 from ..core.padding import IGNORE_INDEX
 from ..io.collate import collator_for
+from ..model.completion import generate_completions
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

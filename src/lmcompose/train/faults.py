@@ -8,8 +8,8 @@ import threading
 from pathlib import Path
 from typing import Any, Optional
 
-from .run_log import append_metrics
 from .checkpoints import latest_checkpoint
+from .run_log import append_metrics
 
 __all__ = ["StopSignals", "TrainingDivergedError", "stop_diverged"]
 

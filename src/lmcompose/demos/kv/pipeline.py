@@ -12,11 +12,11 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ...model.composed import ComposedModel
 from ...core.config import CompositionConfig
+from ...model.composed import ComposedModel
 from .config import PRESETS, KVPipelineConfig
 from .task import Example, KVRepository, build_tokenizer, num_math_example
-from .training import batches, exact_match, train_loop
+from .training import batches, percent_correct, train_loop
 
 DATASETS = ("KV-SUBS", "NUM-MATH", "KV-MATH")
 
@@ -198,20 +198,22 @@ def lora_rank_for(model: nn.Module, budget: int) -> int:
 TRAINED_ROWS = ("CALM", "CALM (random m_A)", "LoRA on m_B", "m_B fine-tuned on D_C")
 
 
-def _plain(model: nn.Module, tokenizer: Any) -> Callable:
+def plain_generate(model: nn.Module, tokenizer: Any) -> Callable:
+    """Greedy generation of one causal LM as :func:`score_all` calls it: (ids, mask, new tokens) -> ids."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     return lambda ids, mask, n: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
                                                do_sample=False, eos_token_id=eos, pad_token_id=pad)
 
 
-def _composed(model: ComposedModel, tokenizer: Any) -> Callable:
+def composed_generate(model: ComposedModel, tokenizer: Any) -> Callable:
+    """:func:`plain_generate` for a composed model."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     return lambda ids, mask, n: model.generate(ids, mask, max_new_tokens=n, eos_token_id=eos, pad_token_id=pad)
 
 
 def score_all(generate: Callable, evals: dict[str, list[Example]], tokenizer: Any) -> dict[str, float]:
     """Exact match (percent, one decimal) of ``generate`` on each dataset."""
-    return {d: round(exact_match(generate, evals[d], tokenizer), 1) for d in DATASETS}
+    return {d: round(percent_correct(generate, evals[d], tokenizer), 1) for d in DATASETS}
 
 
 def composition_config(config: KVPipelineConfig) -> CompositionConfig:
@@ -242,7 +244,7 @@ def train_row(name: str, config: KVPipelineConfig, bases_dir: str, progress: boo
         model = ComposedModel(anchor, augment, composition_config(config)).train()
         trainable = model.composition_parameters()
         seconds = train_loop(trainable, lambda b: model(**b).loss, d_c, config.compose_steps, config.compose_lr, log)
-        generate = _composed(model.eval(), tokenizer)
+        generate = composed_generate(model.eval(), tokenizer)
     elif name == "LoRA on m_B":
         from peft import LoraConfig, get_peft_model
 
@@ -256,13 +258,13 @@ def train_row(name: str, config: KVPipelineConfig, bases_dir: str, progress: boo
         model.train()
         seconds = train_loop(trainable, lambda b: model(**b).loss, d_c, config.baseline_steps or config.compose_steps,
                              config.lora_lr, log)
-        generate = _plain(model.eval(), tokenizer)
+        generate = plain_generate(model.eval(), tokenizer)
         extra["lora_rank"] = rank
     elif name == "m_B fine-tuned on D_C":
         seconds = train_lm(anchor, composition_data(repo, config.num_math_mix), tokenizer,
                            config.baseline_steps or config.compose_steps, config.finetune_lr, config, config.seed + 13, log)
         trainable = list(anchor.parameters())
-        generate = _plain(anchor, tokenizer)
+        generate = plain_generate(anchor, tokenizer)
     else:
         raise ValueError(f"Unknown row {name!r}; expected one of {TRAINED_ROWS}")
     start = time.time()
@@ -320,7 +322,7 @@ def run_experiment(config: KVPipelineConfig, cache_dir: Path, log: Optional[Call
     rows: dict[str, dict[str, Any]] = {}
     for name, model in (("m_A", augment), ("m_B", anchor)):
         t = time.time()
-        rows[name] = score_all(_plain(model, tokenizer), evals, tokenizer)
+        rows[name] = score_all(plain_generate(model, tokenizer), evals, tokenizer)
         seconds[f"eval {name}"] = round(time.time() - t, 1)
         if log:
             log(f"{name}: " + ", ".join(f"{d} {rows[name][d]}%" for d in DATASETS))

@@ -88,7 +88,7 @@ def train_loop(
 
 
 @torch.no_grad()
-def exact_match(
+def percent_correct(
     generate: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
     examples: Sequence[Example],
     tokenizer: Any,
