@@ -144,3 +144,34 @@ def test_query_recomputed_in_backward_gives_the_same_gradients_and_keeps_less(mo
     assert torch.equal(out_r, out_p)
     assert torch.allclose(dx_r, dx_p, atol=1e-6) and all(torch.allclose(g_r[n], g_p[n], atol=1e-6) for n in g_p)
     assert saved_p - saved_r >= 4 * 40 * 48  # the normalised anchor states are not kept
+
+
+def test_null_attention_starts_at_zero_adds_a_zero_value_slot_and_keeps_causality():
+    torch.manual_seed(0)
+    assert torch.equal(CrossAttention(8, 12, 3, null_attention=True).null_key, torch.zeros(3, 4))
+    plain, null = seeded(), seeded(null_attention=True)
+    null.load_state_dict({**plain.state_dict(), "null_key": torch.zeros(3, 4)})
+    anchor_hidden, augment_hidden = torch.randn(1, 4, 12), torch.randn(1, 4, 8)
+    with torch.no_grad():
+        k, v = plain.project(augment_hidden)
+        q = plain._heads(plain._query(anchor_hidden))  # (1, h, t, d)
+        scores = (q @ k.transpose(-1, -2)) / 4 ** 0.5  # (1, h, t, s)
+        scores = scores.masked_fill(~torch.ones(4, 4, dtype=torch.bool).tril(), float("-inf"))
+        weights = scores.exp() / (1 + scores.exp().sum(-1, keepdim=True))  # the null key scores 0: e^0 = 1
+        expected = plain.out((weights @ v).transpose(1, 2).reshape(1, 4, 12))
+        assert torch.allclose(null(anchor_hidden, k, v), expected, atol=1e-5)
+        null.null_key.copy_(100 * q[0, :, 3] / q[0, :, 3].norm(dim=-1, keepdim=True))  # aligned with query 3
+        alone = null(anchor_hidden, k, v)
+        assert alone[0, 3].abs().max() < 1e-6 * plain(anchor_hidden, k, v)[0, 3].abs().max() + 1e-12  # adds nothing
+        changed = augment_hidden.clone()
+        changed[:, 2:] += 5.0
+        assert torch.equal(null(anchor_hidden, *null.project(augment_hidden))[:, :2],
+                           null(anchor_hidden, *null.project(changed))[:, :2])  # no future augment state leaks
+
+
+def test_with_null_attention_a_query_that_may_read_nothing_gets_exactly_zero():
+    conn = seeded(null_attention=True)
+    mask = torch.tensor([[True, False], [False, False]])[None, None]  # (1, 1, 2, 2): query 1 reads no real key
+    with torch.no_grad():
+        out = conn(torch.randn(1, 2, 12), *conn.project(torch.randn(1, 2, 8)), mask=mask)
+    assert torch.equal(out[0, 1], torch.zeros(12)) and out[0, 0].abs().sum() > 0

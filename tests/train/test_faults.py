@@ -166,7 +166,7 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_refuses_unsafe_pickles(tmp
     assert not (tmp_path / "pwned").exists()
 
     shutil.rmtree(tmp_path / "composition")
-    with caplog.at_level("WARNING", logger="lmcompose.train.recipe"):
+    with caplog.at_level("WARNING", logger="lmcompose.train"):
         result = train(composed(), data, None, cfg, tmp_path, resume=True)
     assert result.resumed_from.name == "step-2" and result.step == 4
     assert "skipping checkpoint" in caplog.text and "step-4" in caplog.text and "step-3" in caplog.text

@@ -86,6 +86,8 @@ def run_train(opts: argparse.Namespace) -> int:
                           checkpoint_connections=opts.checkpoint_connections)
     train_data = _with_flag("--data", load_dataset, opts.data, tokenizer, opts.max_length)
     eval_data = _with_flag("--eval-data", load_dataset, opts.eval_data, tokenizer, opts.max_length) if opts.eval_data else None
+    preserve = (_with_flag("--preserve-data", load_dataset, opts.preserve_data, tokenizer, opts.max_length)
+                if opts.preserve_data else None)
     config = config_from(TrainingConfig, opts)
     main_process = _is_main_process()
     if main_process:
@@ -97,7 +99,8 @@ def run_train(opts: argparse.Namespace) -> int:
         recorded["connections"] = ",".join(f"{i}:{j}" for i, j in opts.connections)
     if main_process:
         atomic_write_text(output / "train_args.yaml", yaml.safe_dump(recorded, sort_keys=False))
-    result = train(model, train_data, eval_data, config, output, resume=opts.resume, tokenizer=tokenizer)
+    result = train(model, train_data, eval_data, config, output, resume=opts.resume, tokenizer=tokenizer,
+                   preserve_dataset=preserve)
     if result.interrupted:
         if main_process:
             print(f"lmcompose train: {result.interrupted} at step {result.step}: checkpoint written to "

@@ -212,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-data", metavar="FILE.jsonl", help="evaluation data (JSONL): eval loss, and exact match "
                    "for prompt/completion records")
     t.add_argument("--output", metavar="DIR", help="run directory: checkpoints/, composition/, metrics.jsonl, loss.png")
+    t.add_argument("--preserve-data", metavar="FILE.jsonl", help='ordinary text ({"text"} records) on which the composed '
+                   "model is trained to keep the anchor's own next-token distributions (with --preserve-weight)")
     t.add_argument("--resume", action=argparse.BooleanOptionalAction,
                    help="continue from the newest complete checkpoint in --output (default: off)")
     t.add_argument("--max-length", type=_positive, metavar="N",

@@ -35,6 +35,10 @@ class CompositionConfig(DictConfig):
     # beyond the paper; needs a shared tokenizer so positions agree
     rotary: bool = config_field(False, "rotary position information between anchor queries and augment keys", "bool")
     proj_bias: bool = config_field(True, "bias in f_proj (the augment -> anchor projection)", "bool")
+    # beyond the paper: lets a connection add nothing where the augment has nothing to add (the facts demo)
+    null_attention: bool = config_field(
+        False, "every cross-attention query may also attend to a learned key whose value is zero, so a connection "
+        "can add nothing where the augment has nothing to add", "bool", flag="null_attention")
     extra: dict = field(default_factory=dict)  # free-form user metadata, saved with the composition
 
     def __post_init__(self) -> None:

@@ -58,6 +58,8 @@ class CrossAttention(nn.Module):
         augment_eps, anchor_eps: epsilon of those norms.
         rotary: add rotary position information between query and key positions.
         proj_bias: bias in f_proj.
+        null_attention: every query may also attend to one learned key per head whose value is zero, so a
+            connection can add (close to) nothing where the augment has nothing to add (beyond the paper).
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class CrossAttention(nn.Module):
         anchor_eps: float = 1e-6,
         rotary: bool = False,
         proj_bias: bool = True,
+        null_attention: bool = False,
     ) -> None:
         super().__init__()
         if anchor_dim % num_heads != 0:
@@ -88,6 +91,8 @@ class CrossAttention(nn.Module):
         self.value = nn.Linear(anchor_dim, anchor_dim, bias=False)  # W^V
         self.out = nn.Linear(anchor_dim, anchor_dim, bias=False)  # W^O, zero at init
         nn.init.zeros_(self.out.weight)
+        # the null key of each head (its value is zero); zero at init: its score starts at 0 for every query
+        self.null_key = nn.Parameter(torch.zeros(num_heads, self.head_dim)) if null_attention else None
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -179,9 +184,11 @@ class CrossAttention(nn.Module):
         q = self._heads(self._query(anchor_hidden))  # (b, h, t, d)
         if self.rotary:
             q = apply_rotary(q, _require(positions, "query positions"))
+        if mask is None and keys.shape[2] != t:
+            raise ValueError(f"A causal cross-attention needs as many keys as queries, got {keys.shape[2]} and {t}")
+        if self.null_key is not None:
+            keys, values, mask = self._with_null(keys, values, mask, t)
         if mask is None:
-            if keys.shape[2] != t:
-                raise ValueError(f"A causal cross-attention needs as many keys as queries, got {keys.shape[2]} and {t}")
             y = F.scaled_dot_product_attention(q, keys, values, is_causal=True)  # (b, h, t, d)
         else:
             # A query that may read no key at all (padding) gets a zero update instead of NaN.
@@ -190,6 +197,21 @@ class CrossAttention(nn.Module):
             y = y.masked_fill(empty, 0.0)
         y = y.transpose(1, 2).reshape(b, t, dim)  # (b, t, D_B)
         return self.out(y)
+
+
+    def _with_null(
+        self, keys: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor], t: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys and values (b, h, 1 + s, d) with the null key (value zero) in front, and the mask (b or 1, 1, t, 1 + s)
+        that lets every query read it (``mask`` None: causal with t == s)."""
+        b, h, s, d = keys.shape
+        null = self.null_key.to(keys.dtype)[None, :, None, :].expand(b, h, 1, d)  # (b, h, 1, d)
+        keys = torch.cat([null, keys], dim=2)
+        values = torch.cat([values.new_zeros(b, h, 1, d), values], dim=2)
+        if mask is None:
+            mask = torch.ones(t, s, dtype=torch.bool, device=keys.device).tril()[None, None]  # (1, 1, t, s)
+        readable = torch.ones(*mask.shape[:3], 1, dtype=torch.bool, device=mask.device)  # (b or 1, 1, t, 1)
+        return keys, values, torch.cat([readable, mask], dim=-1)
 
 
 def _require(x: Optional[torch.Tensor], what: str) -> torch.Tensor:

@@ -28,6 +28,8 @@ class Collator:
     Returns (from a call):
         ``input_ids`` (B, T) long, ``attention_mask`` (B, T) long (0 on padding), ``labels`` (B, T)
         long (-100 on padding), ``augment_states`` (per augment, ``{layer: (B, T, D_A)}``) when given,
+        ``preserve_rows`` (B,) bool when examples carry preservation texts (``"preserve"``: those rows come after
+        the examples, with no labels),
         and, when an augment has its own tokenizer, ``augment_input_ids``, ``augment_attention_mask``
         (per augment (B, S) or None) and ``augment_limits`` (per augment (B, T) or None).
     """
@@ -44,11 +46,14 @@ class Collator:
             raise ValueError("Collator: augment_tokenizers need the anchor's tokenizer as well (tokenizer=)")
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        ids = [list(e["input_ids"]) for e in examples]
+        preserve = [list(p) for e in examples for p in e.get("preserve", ())]  # rows after the examples, no labels
+        ids = [list(e["input_ids"]) for e in examples] + preserve
+        labels = [list(e.get("labels", e["input_ids"])) for e in examples] + [[IGNORE_INDEX] * len(p) for p in preserve]
         batch_ids, mask = pad_rows(ids, self.pad_token_id, self.padding_side)  # (B, T) each
-        batch_labels, _ = pad_rows([list(e.get("labels", e["input_ids"])) for e in examples], IGNORE_INDEX,
-                                   self.padding_side)
+        batch_labels, _ = pad_rows(labels, IGNORE_INDEX, self.padding_side)
         batch: dict[str, Any] = {"input_ids": batch_ids, "attention_mask": mask, "labels": batch_labels}
+        if any("preserve" in e for e in examples):
+            batch["preserve_rows"] = torch.arange(len(ids)) >= len(examples)  # (B,) bool
         if "augment_states" in examples[0]:
             batch["augment_states"] = self._pad_states([e["augment_states"] for e in examples], batch_ids.shape[1])
         if any(tok is not None for tok in self.augment_tokenizers):

@@ -149,9 +149,46 @@ def data_fingerprint(dataset: Dataset) -> str:
     digest = hashlib.sha256()
     for i in range(len(dataset)):
         item = dataset[i]
-        for key in ("input_ids", "labels"):
-            if key in item:
-                values = np.asarray(item[key], dtype=np.int64)
+        rows = [item.get(key) for key in ("input_ids", "labels")] + list(item.get("preserve", []))
+        for values in rows:
+            if values is not None:
+                values = np.asarray(values, dtype=np.int64)
                 digest.update(np.int64(values.size).tobytes())
                 digest.update(values.tobytes())
     return digest.hexdigest()
+
+
+class WithPreservation(Dataset):
+    """Training examples that each carry some preservation texts: ordinary text on which the composed model is
+    trained to keep the anchor's own next-token distribution (see ``TrainingConfig.preserve_weight``).
+
+    Example ``i`` carries the texts ``floor(i r) .. floor((i + 1) r) - 1`` (modulo their number) for ``r`` =
+    ``ratio``: about ``r`` texts per example, always the same ones for the same example, so a resumed run sees
+    exactly what an uninterrupted one sees.
+
+    Args:
+        dataset: the training examples.
+        preserve: the preservation texts (items with ``input_ids``).
+        ratio: preservation texts per training example (0.25: one with every fourth example).
+    """
+
+    def __init__(self, dataset: Dataset, preserve: Dataset, ratio: float = 1.0) -> None:
+        if len(preserve) == 0:
+            raise DataError("The preservation data holds no texts")
+        if not ratio > 0:
+            raise ValueError(f"The preservation ratio must be > 0, got {ratio!r}")
+        self.dataset, self.preserve, self.ratio = dataset, preserve, ratio
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = dict(self.dataset[index])
+        first, end = int(index * self.ratio), int((index + 1) * self.ratio)
+        item["preserve"] = [list(self.preserve[k % len(self.preserve)]["input_ids"]) for k in range(first, end)]
+        return item
+
+    def __getattr__(self, name: str) -> Any:  # source, features, ... of the wrapped examples
+        if name in ("dataset", "preserve", "ratio"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)

@@ -17,7 +17,7 @@ def build_connection(anchor: nn.Module, augment: nn.Module, config: CompositionC
     Args:
         anchor: the anchor LM (its width, heads and norm kind shape the cross-attention).
         augment: the augmenting LM (its width and norm kind shape f_proj's input).
-        config: the composition config (num_heads, norm, rotary, proj_bias).
+        config: the composition config (num_heads, norm, rotary, proj_bias, null_attention).
     """
     heads = config.num_heads or introspect.num_attention_heads(anchor)
     anchor_dim = introspect.hidden_size(anchor)
@@ -37,6 +37,7 @@ def build_connection(anchor: nn.Module, augment: nn.Module, config: CompositionC
         anchor_eps=introspect.norm_eps(anchor),
         rotary=config.rotary,
         proj_bias=config.proj_bias,
+        null_attention=config.null_attention,
     )
 
 

@@ -260,3 +260,28 @@ def newest_readable(checkpoints: Path) -> Optional[Path]:
             continue
         return path
     return None
+
+
+def find_start(checkpoints: Path, resume: bool) -> Optional[Path]:
+    """The checkpoint a run starts from: the newest readable one when resuming, else None (from step 0).
+
+    Raises:
+        FileExistsError: not resuming, but ``checkpoints`` holds an earlier run's checkpoints.
+        DamagedCheckpointError: resuming, and no checkpoint there can be read.
+    """
+    if not resume:
+        if complete_checkpoints(checkpoints):
+            raise FileExistsError(
+                f"{checkpoints} holds checkpoints of an earlier run: resume it (resume=True, --resume) "
+                "or choose another output directory"
+            )
+        return None
+    start = newest_readable(checkpoints)
+    if start is None:
+        if complete_checkpoints(checkpoints):
+            raise DamagedCheckpointError(
+                f"resume: no checkpoint in {checkpoints} can be read (see the warnings above); "
+                "delete the damaged ones to start again"
+            )
+        logger.warning("resume: %s holds no complete checkpoint; starting from step 0", checkpoints)
+    return start

@@ -48,6 +48,11 @@ class TrainingConfig(DictConfig):
                                   "choice", flag="bf16", choices=PRECISIONS, trajectory=True)
     padding_side: str = config_field("right", "where batches are padded", "choice", flag="padding_side",
                                choices=("right", "left"), trajectory=True)
+    preserve_weight: float = config_field(
+        0.0, "weight of the KL divergence from the anchor's own next-token distribution on the preservation texts "
+        "(--preserve-data), added to the loss; 0: off", "non_negative_number", flag="preserve_weight", trajectory=True)
+    preserve_ratio: float = config_field(1.0, "preservation texts per training example", "positive_number",
+                                         flag="preserve_ratio", trajectory=True)
     eval_every: Optional[int] = config_field(None, "evaluate every N steps (default: at the end, with eval data)",
                                        "positive", flag="eval_every", optional=True, metavar="N")
     eval_batch_size: Optional[int] = config_field(None, "examples per evaluation batch (default: batch_size)", "positive",

@@ -31,6 +31,22 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return loss, (shift_labels != IGNORE_INDEX).sum()
 
 
+def token_kl_sum(anchor_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed KL(anchor || model) of the next-token distributions at the positions where ``mask`` is 1.
+
+    Args:
+        anchor_logits: (B, T, V) of the anchor alone (the reference).
+        logits: (B, T, V) of the model compared with it.
+        mask: (B, T), 1 on the positions that count (not padding).
+    Returns:
+        (KL sum in nats, number of positions), both 0-dim tensors; float32.
+    """
+    reference = F.log_softmax(anchor_logits.float(), dim=-1)  # (B, T, V)
+    kl = F.kl_div(F.log_softmax(logits.float(), dim=-1), reference, log_target=True, reduction="none").sum(-1)  # (B, T)
+    keep = mask.bool()
+    return kl[keep].sum(), keep.sum()
+
+
 @torch.no_grad()
 def evaluate_loss(model: Any, batches: Iterable[dict[str, Any]], device: Optional[torch.device] = None) -> tuple[float, int]:
     """Token-weighted mean loss over batches (every scored token counts the same, whatever its batch).

@@ -22,13 +22,11 @@ from ..core.padding import pad_token_id
 from ..io.atomic import publish_directory, remove_stale_temporaries, remove_unpublished
 from ..io.augment_cache import with_cached_states
 from ..io.collate import collator_for
-from ..io.datasets import data_fingerprint
+from ..io.datasets import WithPreservation, data_fingerprint
 from ..io.input_checks import check_example_lengths
 from . import engine
 from .checkpoints import (
-    DamagedCheckpointError,
-    complete_checkpoints,
-    newest_readable,
+    find_start,
     remove_incomplete,
     restore_composition,
     restore_rng_state,
@@ -37,6 +35,7 @@ from .checkpoints import (
 from .config import TrainingConfig
 from .evaluation import completion_scores, evaluate_loss
 from .faults import StopSignals, TrainingDivergedError, stop_diverged
+from .preservation import check_preservation, preservation_kl
 from .run_log import append_metrics, plot_losses, read_metrics, truncate_metrics
 from .run_state import RunState, TrainingResult
 from .sampler import EpochShuffleSampler
@@ -57,7 +56,7 @@ class Recipe:
 
     def __init__(self, model: Any, train_dataset: Dataset, eval_dataset: Optional[Dataset] = None,
                  config: Optional[TrainingConfig] = None, output_dir: Union[str, Path, None] = None,
-                 resume: bool = False, tokenizer: Any = None) -> None:
+                 resume: bool = False, tokenizer: Any = None, preserve_dataset: Optional[Dataset] = None) -> None:
         if output_dir is None:
             raise TypeError("train() needs output_dir: the directory for checkpoints, metrics and the composition")
         self.model = model
@@ -68,6 +67,7 @@ class Recipe:
         self.metrics_file = self.output / METRICS_NAME
         self.resume = resume
         self.tokenizer = tokenizer
+        self.preserve_dataset = preserve_dataset if self.config.preserve_weight > 0 else None
         self.state = RunState()
 
     # ----------------------------------------------------------------- setup
@@ -77,7 +77,7 @@ class Recipe:
         from accelerate.utils import set_seed
 
         self._check_inputs()
-        self.start_from = self._find_start()
+        self.start_from = find_start(self.checkpoints, self.resume)
         self.accelerator = engine.make_accelerator(self.config)
         self.main = self.accelerator.is_main_process  # only rank 0 writes files
         self._prepare_output()
@@ -99,28 +99,11 @@ class Recipe:
                 f"cache_augment_states (--cache-augment-states) needs augments that share the anchor's tokenizer; "
                 f"augment {own[0]} has its own, so its states depend on how each batch aligns. Turn the cache off"
             )
+        check_preservation(self.config, self.preserve_dataset)
         check_example_lengths(self.train_dataset, self.model, "the training data")
-        if self.eval_dataset is not None:
-            check_example_lengths(self.eval_dataset, self.model, "the evaluation data")
-
-    def _find_start(self) -> Optional[Path]:
-        """The checkpoint to resume from (None: from step 0); refuses to overwrite an earlier run's checkpoints."""
-        if not self.resume:
-            if complete_checkpoints(self.checkpoints):
-                raise FileExistsError(
-                    f"{self.checkpoints} holds checkpoints of an earlier run: resume it (resume=True, --resume) "
-                    "or choose another output directory"
-                )
-            return None
-        start = newest_readable(self.checkpoints)
-        if start is None:
-            if complete_checkpoints(self.checkpoints):
-                raise DamagedCheckpointError(
-                    f"resume: no checkpoint in {self.checkpoints} can be read (see the warnings above); "
-                    "delete the damaged ones to start again"
-                )
-            logger.warning("resume: %s holds no complete checkpoint; starting from step 0", self.checkpoints)
-        return start
+        for data, what in ((self.eval_dataset, "the evaluation data"), (self.preserve_dataset, "the preservation data")):
+            if data is not None:
+                check_example_lengths(data, self.model, what)
 
     def _prepare_output(self) -> None:
         """Create the run directory and clear what a killed run left (partial checkpoints, temporaries)."""
@@ -138,8 +121,10 @@ class Recipe:
         config = self.config
         self.collator = collator_for(self.model, self.tokenizer, config.padding_side)
         self.eval_batch_size = config.eval_batch_size or config.batch_size
-        self.data_sha = data_fingerprint(self.train_dataset)
         self.train_data, self.eval_data = self.train_dataset, self.eval_dataset
+        if self.preserve_dataset is not None:
+            self.train_data = WithPreservation(self.train_dataset, self.preserve_dataset, config.preserve_ratio)
+        self.data_sha = data_fingerprint(self.train_data)
         if config.cache_augment_states:
             self._open_augment_cache()
         # Every rank builds the same loader; accelerate deals its batches out in turn (rank r gets batches r, r + n,
@@ -207,7 +192,7 @@ class Recipe:
         """
         accelerator, state = self.accelerator, self.state
         with accelerator.accumulate(self.wrapped):
-            loss = self.wrapped(**batch).loss
+            loss = self.loss(batch)
             accelerator.backward(loss)
             state.nonfinite |= ~torch.isfinite(loss.detach())
             if accelerator.sync_gradients:
@@ -220,6 +205,17 @@ class Recipe:
         state.window_losses.append(loss.detach())
         state.window_tokens += int(batch["attention_mask"].sum())
         return accelerator.sync_gradients
+
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The loss of one micro-batch: the LM loss of its examples, plus ``preserve_weight`` times the mean KL
+        divergence from the anchor's own next-token distribution over its preservation rows (when it has any)."""
+        rows = batch.pop("preserve_rows", None)
+        out = self.wrapped(**batch)
+        if rows is None or not rows.any():
+            return out.loss
+        kl = preservation_kl(self.model, batch, out.logits, rows)
+        self.state.window_kl.append(kl.detach())
+        return out.loss + self.config.preserve_weight * kl
 
     def _check_step(self, signals: StopSignals) -> None:
         """Before the optimiser step: clip, and stop the run (nothing of this step applied) on a NaN/inf anywhere."""
@@ -274,9 +270,12 @@ class Recipe:
             "grad_norm": None if state.grad_norm is None else float(state.grad_norm),
             "tokens_per_s": tokens / seconds if seconds > 0 else None,
         }
+        if state.window_kl:  # the mean KL from the anchor on the preservation texts, per token
+            record["preserve_kl"] = engine.mean_over_ranks(self.accelerator, state.window_kl, 0)[0]
         self._record(record)
         self.progress.set_postfix(loss=f"{state.last_loss:.4f}", tok_s=f"{record['tokens_per_s'] or 0:.0f}")
         state.window_losses, state.window_tokens, state.window_start = [], 0, time.perf_counter()
+        state.window_kl = []
 
     # ----------------------------------------------------------------- evaluate and save
 
@@ -373,7 +372,7 @@ class Recipe:
 
 def train(model: Any, train_dataset: Dataset, eval_dataset: Optional[Dataset] = None,
           config: Optional[TrainingConfig] = None, output_dir: Union[str, Path, None] = None, resume: bool = False,
-          tokenizer: Any = None) -> TrainingResult:
+          tokenizer: Any = None, preserve_dataset: Optional[Dataset] = None) -> TrainingResult:
     """Train the composition of ``model`` (in place) on ``train_dataset``.
 
     Writes into ``output_dir``: ``metrics.jsonl`` (train and eval records), ``checkpoints/step-N/``
@@ -390,7 +389,9 @@ def train(model: Any, train_dataset: Dataset, eval_dataset: Optional[Dataset] = 
         resume: continue from the newest complete checkpoint in ``output_dir`` (ends with the weights
             an uninterrupted run ends with).
         tokenizer: the anchor's tokenizer: pad id, and decoding for exact match on eval data.
+        preserve_dataset: ordinary texts (items with ``input_ids``) on which the composed model is trained to keep
+            the anchor's own next-token distribution, with weight ``config.preserve_weight`` (beyond the paper).
     Returns:
         a :class:`TrainingResult`.
     """
-    return Recipe(model, train_dataset, eval_dataset, config, output_dir, resume, tokenizer).run()
+    return Recipe(model, train_dataset, eval_dataset, config, output_dir, resume, tokenizer, preserve_dataset).run()

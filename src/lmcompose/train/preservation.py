@@ -1,0 +1,46 @@
+"""Keeping the anchor: the KL divergence from the anchor's own next-token distribution on preservation texts.
+
+Ordinary text mixed into the composition data (``preserve_dataset`` of :func:`~lmcompose.train.recipe.train`,
+``--preserve-data``) is scored not by its own tokens but by how far the composed model's next-token distributions
+are from the anchor's: self-distillation, which teaches the connections to add nothing where the augment has
+nothing to add (beyond the paper, whose D_C is the only data).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch.utils.data import Dataset
+
+from .config import TrainingConfig
+from .evaluation import token_kl_sum
+
+
+def check_preservation(config: TrainingConfig, preserve_dataset: Optional[Dataset]) -> None:
+    """Refuse a preservation weight without texts, and texts with the augment-state cache (it holds no states for
+    them)."""
+    if config.preserve_weight > 0 and preserve_dataset is None:
+        raise ValueError("preserve_weight (--preserve-weight) needs preservation texts: pass preserve_dataset= "
+                         "(--preserve-data FILE.jsonl), ordinary text on which the anchor is to be kept")
+    if preserve_dataset is not None and config.preserve_weight > 0 and config.cache_augment_states:
+        raise ValueError("cache_augment_states (--cache-augment-states) does not work with preservation texts "
+                         "(--preserve-data): their augment states are not cached. Turn one of them off")
+
+
+def preservation_kl(model: Any, batch: dict[str, Any], logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Mean KL(anchor || composed) per position over the preservation rows of a batch.
+
+    Args:
+        model: the ComposedModel (unwrapped): the anchor's logits come from it under ``disable_composition()``.
+        batch: the collated batch (``input_ids``, ``attention_mask`` (B, T)).
+        logits: (B, T, V) of the composed forward over the batch.
+        rows: (B,) bool, True on the preservation rows.
+    Returns:
+        a 0-dim tensor with a gradient through ``logits``.
+    """
+    inputs = {"input_ids": batch["input_ids"][rows], "attention_mask": batch["attention_mask"][rows]}
+    with torch.no_grad(), model.disable_composition():
+        anchor_logits = model(**inputs).logits  # (P, T, V): the anchor alone, the reference
+    kl, positions = token_kl_sum(anchor_logits, logits[rows], inputs["attention_mask"])
+    return kl / positions.clamp(min=1)
