@@ -30,13 +30,13 @@ import torch
 
 from lmcompose import ComposedModel, CompositionConfig
 from lmcompose.core.tokens import encode_prompt
-from lmcompose.demos.kv.training import train_loop
 from lmcompose.io.bases import load_base
 from lmcompose.io.datasets import TokenizedDataset, tokenize_records
 from lmcompose.io.jsonl import Records
 from lmcompose.model.completion import generate_completions
 from lmcompose.testing import tiny_causal_lm
 from lmcompose.train import TrainingConfig, train
+from lmcompose.train.base_training import train_loop
 from lmcompose.train.evaluation import evaluate
 
 # Ten cities whose names SmolLM2 writes easily: the answer is one of them (chance = 10%).

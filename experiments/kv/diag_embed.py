@@ -25,7 +25,8 @@ from lmcompose.core.cross_attention import apply_rotary
 from lmcompose.demos.kv.config import quick_config
 from lmcompose.demos.kv.pipeline import composition_config, composition_data, embedding_noise, load_bases
 from lmcompose.demos.kv.task import KVRepository
-from lmcompose.demos.kv.training import batches, train_loop
+from lmcompose.demos.kv.training import batches
+from lmcompose.train.base_training import train_loop
 
 from common import collate, encode, teacher_forced_accuracy
 

@@ -23,7 +23,8 @@ from lmcompose import ComposedModel, CompositionConfig
 from lmcompose.demos.kv.config import quick_config
 from lmcompose.demos.kv.pipeline import composition_data, load_bases
 from lmcompose.demos.kv.task import KVRepository, num_math_example
-from lmcompose.demos.kv.training import batches, train_loop
+from lmcompose.demos.kv.training import batches
+from lmcompose.train.base_training import train_loop
 
 from common import add_task_options, apply_task_options, encode, teacher_forced_accuracy
 

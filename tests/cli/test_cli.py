@@ -263,6 +263,39 @@ def test_demo_command_runs_the_pipeline_with_its_options_and_prints_the_table(tm
     assert main(["demo", "--seed", "-1"]) == 2
 
 
+def test_demo_facts_runs_its_pipeline_with_the_seed_and_bad_names_or_options_are_one_line_errors(tmp_path, monkeypatch,
+                                                                                                   capsys):
+    import lmcompose.demos.facts.pipeline as facts
+
+    calls = []
+
+    def fake_demo(output_dir, progress=True, seed=0):
+        calls.append((output_dir, progress, seed))
+        (tmp_path / "f" / "results.md").parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "f" / "results.md").write_text("| CALM (same tokenizer) | 81.0 |\n")
+        return {"rows": {}}
+
+    monkeypatch.setattr(facts, "run_demo", fake_demo)
+    assert main(["demo", "facts", "--output", str(tmp_path / "f"), "--seed", "2", "--no-progress"]) == 0
+    assert calls == [(str(tmp_path / "f"), False, 2)] and "| CALM (same tokenizer) | 81.0 |" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "facts"]) == 0 and calls[-1] == ("lmcompose-demo-facts", True, 0)  # its own default output
+    capsys.readouterr()
+    for argv, message in ((["demo", "trivia"], "invalid choice: 'trivia' (choose from 'kv', 'facts')"),
+                          (["demo", "facts", "--seed", "-3"], "must be a non-negative integer, got -3"),
+                          (["demo", "facts", "--preset", "paper"], "--preset applies to the kv demo")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+
+
+def test_a_demo_refuses_an_output_directory_holding_another_demos_files(tmp_path, capsys):
+    (tmp_path / "kv").mkdir()
+    (tmp_path / "kv" / "demo.json").write_text('{"demo": "kv"}')
+    assert main(["demo", "facts", "--output", str(tmp_path / "kv")]) == 2
+    assert "holds the files of the kv demo" in capsys.readouterr().err
+
+
 def test_checkpoint_connections_trains_the_same_composition(work, tmp_path):
     for name, extra in (("plain", ()), ("recompute", ("--checkpoint-connections",))):
         assert main(train_args(work, tmp_path / name, "--max-steps", "4", *extra)) == 0

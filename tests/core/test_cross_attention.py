@@ -146,18 +146,19 @@ def test_query_recomputed_in_backward_gives_the_same_gradients_and_keeps_less(mo
     assert saved_p - saved_r >= 4 * 40 * 48  # the normalised anchor states are not kept
 
 
-def test_null_attention_starts_at_zero_adds_a_zero_value_slot_and_keeps_causality():
+def test_null_attention_starts_at_zero_adds_a_zero_value_slot_scored_against_the_average_key_and_keeps_causality():
     torch.manual_seed(0)
     assert torch.equal(CrossAttention(8, 12, 3, null_attention=True).null_key, torch.zeros(3, 4))
     plain, null = seeded(), seeded(null_attention=True)
-    null.load_state_dict({**plain.state_dict(), "null_key": torch.zeros(3, 4)})
+    null.load_state_dict({**plain.state_dict(), "null_key": torch.zeros(3, 4), "null_bias": torch.zeros(3)})
     anchor_hidden, augment_hidden = torch.randn(1, 4, 12), torch.randn(1, 4, 8)
     with torch.no_grad():
         k, v = plain.project(augment_hidden)
         q = plain._heads(plain._query(anchor_hidden))  # (1, h, t, d)
         scores = (q @ k.transpose(-1, -2)) / 4 ** 0.5  # (1, h, t, s)
         scores = scores.masked_fill(~torch.ones(4, 4, dtype=torch.bool).tril(), float("-inf"))
-        weights = scores.exp() / (1 + scores.exp().sum(-1, keepdim=True))  # the null key scores 0: e^0 = 1
+        readable = torch.arange(1, 5, dtype=torch.float32)[:, None]  # query t reads t + 1 keys
+        weights = scores.exp() / (readable + scores.exp().sum(-1, keepdim=True))  # the null scores log(t + 1)
         expected = plain.out((weights @ v).transpose(1, 2).reshape(1, 4, 12))
         assert torch.allclose(null(anchor_hidden, k, v), expected, atol=1e-5)
         null.null_key.copy_(100 * q[0, :, 3] / q[0, :, 3].norm(dim=-1, keepdim=True))  # aligned with query 3
@@ -175,3 +176,31 @@ def test_with_null_attention_a_query_that_may_read_nothing_gets_exactly_zero():
     with torch.no_grad():
         out = conn(torch.randn(1, 2, 12), *conn.project(torch.randn(1, 2, 8)), mask=mask)
     assert torch.equal(out[0, 1], torch.zeros(12)) and out[0, 0].abs().sum() > 0
+
+
+def test_a_high_null_score_makes_a_connection_add_little_until_a_key_scores_above_it():
+    torch.manual_seed(0)
+    anchor_hidden, augment_hidden = torch.randn(1, 6, 12), torch.randn(1, 6, 8)
+    sizes = {}
+    for score in (0.0, 6.0):
+        torch.manual_seed(1)  # default initialisation: every key scores near 0
+        conn = CrossAttention(augment_dim=8, anchor_dim=12, num_heads=3, null_attention=True, null_score=score)
+        torch.nn.init.normal_(conn.out.weight)
+        with torch.no_grad():
+            sizes[score] = conn(anchor_hidden, *conn.project(augment_hidden)).abs().mean().item()
+    assert sizes[6.0] < sizes[0.0] / 20  # the null weighs e^6 = 403 times a key scoring 0
+    assert torch.equal(CrossAttention(8, 12, 3, null_attention=True, null_score=2.5).null_bias, torch.full((3,), 2.5))
+
+
+def test_the_null_stands_against_the_average_key_so_more_keys_do_not_pull_more_update():
+    torch.manual_seed(2)
+    conn = CrossAttention(augment_dim=8, anchor_dim=12, num_heads=3, null_attention=True, null_score=3.0)
+    torch.nn.init.normal_(conn.out.weight)
+    anchor_hidden, state = torch.randn(1, 1, 12), torch.randn(1, 1, 8)
+    sizes = []
+    for keys in (4, 400):  # the same key, repeated: its share must not grow with the count
+        augment = state.expand(1, keys, 8)
+        mask = torch.ones(1, 1, 1, keys, dtype=torch.bool)
+        with torch.no_grad():
+            sizes.append(conn(anchor_hidden, *conn.project(augment), mask=mask).abs().mean().item())
+    assert sizes[1] == pytest.approx(sizes[0], rel=1e-4)

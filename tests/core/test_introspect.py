@@ -43,7 +43,19 @@ def test_not_a_causal_lm_is_refused_with_advice(model):
 def test_fingerprint_tells_weights_apart():
     a, b = tiny_causal_lm("llama", seed=0), tiny_causal_lm("llama", seed=1)
     fa, fb = introspect.fingerprint(a), introspect.fingerprint(b)
-    assert {k: v for k, v in fa.items() if k != "weight_signature"} == {
-        k: v for k, v in fb.items() if k != "weight_signature"
-    }
-    assert fa["weight_signature"] != fb["weight_signature"]
+    samples = ("weight_signature", "weights_digest")
+    assert {k: v for k, v in fa.items() if k not in samples} == {k: v for k, v in fb.items() if k not in samples}
+    assert fa["weight_signature"] != fb["weight_signature"] and fa["weights_digest"] != fb["weights_digest"]
+
+
+def test_the_weights_digest_sees_any_tensor_change_and_not_the_dtype():
+    model = tiny_causal_lm("llama", seed=0)
+    before = introspect.weights_digest(model)
+    assert introspect.weights_digest(tiny_causal_lm("llama", seed=0)) == before
+    blocks = introspect.decoder_blocks(model)
+    with torch.no_grad():
+        blocks[-1].mlp.down_proj.weight.mul_(1.5)  # one tensor of the last block, nowhere near the embeddings
+    changed = introspect.weights_digest(model)
+    assert changed != before and introspect.fingerprint(model)["weight_signature"] == introspect.fingerprint(
+        tiny_causal_lm("llama", seed=0))["weight_signature"]  # the embedding sample alone would not see it
+    assert introspect.weights_digest(model.to(torch.bfloat16)) == changed

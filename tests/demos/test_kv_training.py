@@ -3,7 +3,8 @@
 import torch
 
 from lmcompose.demos.kv.task import Example, KVRepository, KVTaskConfig, build_tokenizer
-from lmcompose.demos.kv.training import batches, collate, encode, percent_correct, train_loop
+from lmcompose.demos.kv.training import batches, collate, encode, percent_correct
+from lmcompose.train.base_training import train_loop
 
 
 def test_encoding_masks_the_prompt_and_batches_pad_on_the_right():

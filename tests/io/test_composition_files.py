@@ -75,6 +75,10 @@ def test_missing_truncated_and_malformed_files_are_refused(saved, tmp_path):
     meta = json.loads((path / CONFIG_NAME).read_text())
     meta.pop("weights_bytes")
     (path / CONFIG_NAME).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="does not have the sha256 composition_config.json records"):
+        ComposedModel.from_composition(path, anchor, augment)
+    meta.pop("weights_sha256")  # a file of an older lmcompose, which recorded no digest
+    (path / CONFIG_NAME).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="cannot be read as safetensors"):
         ComposedModel.from_composition(path, anchor, augment)
     (path / CONFIG_NAME).write_text('{"config": ')
@@ -91,9 +95,24 @@ def test_weights_that_disagree_with_the_config_are_refused(saved, tmp_path):
     other = ComposedModel(anchor, augment, CompositionConfig(num_connections=1))
     other.save_composition(tmp_path / "other")
     os.replace(tmp_path / "other" / WEIGHTS_NAME, path / WEIGHTS_NAME)
+    with pytest.raises(ValueError, match="has 44480 bytes but composition_config.json records|truncated or belongs"):
+        ComposedModel.from_composition(path, anchor, augment)
     meta = json.loads((path / CONFIG_NAME).read_text())
     meta.pop("weights_bytes")
     (path / CONFIG_NAME).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="does not have the sha256 composition_config.json records"):
+        ComposedModel.from_composition(path, anchor, augment)
+    meta["weights_sha256"] = json.loads((tmp_path / "other" / CONFIG_NAME).read_text())["weights_sha256"]
+    (path / CONFIG_NAME).write_text(json.dumps(meta))  # the other save's digest: the weights' own digest tells
+    with pytest.raises(ValueError, match="is not the one .* was saved with .* come from different saves"):
+        ComposedModel.from_composition(path, anchor, augment)
+    for key in ("weights_sha256",):  # a JSON of an older lmcompose, without the digests: the tensor names tell
+        meta.pop(key)
+    (path / CONFIG_NAME).write_text(json.dumps(meta))
+    import safetensors.torch
+
+    state = safetensors.torch.load_file(path / WEIGHTS_NAME)
+    safetensors.torch.save_file(state, path / WEIGHTS_NAME, metadata={"format": "pt"})
     with pytest.raises(ValueError, match="does not match composition_config.json: missing tensors"):
         ComposedModel.from_composition(path, anchor, augment)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,9 +18,11 @@ from hypothesis import strategies as st
 import lmcompose.cli as cli
 from lmcompose import ComposedModel
 from lmcompose.cli.options import CliError, build_parser, parse_options
-from lmcompose.io.composition_files import CONFIG_NAME, CompositionMismatchError
-from lmcompose.io.datasets import tokenize_records
+from lmcompose.io.composition_files import CONFIG_NAME, WEIGHTS_NAME, CompositionMismatchError
+from lmcompose.io.datasets import TokenizedDataset, tokenize_records
 from lmcompose.io.jsonl import DataError, read_jsonl
+from lmcompose.train import train
+from lmcompose.train.checkpoints import DamagedCheckpointError, verify_checkpoint
 from lmcompose.train.config import BOOLEAN_FIELDS, TrainingConfig
 
 from helpers import char_tokenizer, tiny_pair
@@ -194,3 +197,59 @@ def set_path(meta, path, value):
         node[last] = value
     elif isinstance(node, list) and isinstance(last, int) and last < len(node):
         node[last] = value
+
+
+# ----------------------------------------------------------------- damaged bytes
+
+def damage(folder, name, flips, cut):
+    """Flip the bits ``flips`` (byte index, bit) of ``folder/name`` and keep the first ``cut`` of it (a fraction)."""
+    data = bytearray((folder / name).read_bytes())
+    for index, bit in flips:
+        data[index % len(data)] ^= 1 << bit
+    if cut is not None:
+        data = data[: int(len(data) * cut)]
+    (folder / name).write_bytes(bytes(data))
+
+
+damages = st.lists(st.tuples(st.integers(0, 10**9), st.integers(0, 7)), max_size=3)
+cuts = st.one_of(st.none(), st.floats(0, 0.999))
+
+
+@SETTINGS
+@given(name=st.sampled_from([CONFIG_NAME, WEIGHTS_NAME]), flips=damages, cut=cuts)
+def test_a_damaged_composition_is_refused_or_loads_exactly_the_saved_weights(name, flips, cut):
+    target = WORK / "bytes"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(SAVED, target)
+    damage(target, name, flips, cut)
+    try:
+        model = ComposedModel.from_composition(target, *BASES)
+    except (ValueError, CompositionMismatchError, FileNotFoundError) as err:
+        assert str(err)
+        return
+    saved = ComposedModel.from_composition(SAVED, *BASES).composition_state_dict()
+    assert all(torch.equal(model.composition_state_dict()[k], v) for k, v in saved.items())
+
+
+CHECKPOINT = WORK / "run"
+train(ComposedModel(*BASES), TokenizedDataset.from_token_ids([[0, 5, 6, 7]] * 8), None,
+      TrainingConfig(max_steps=1, batch_size=4, save_every=1, progress_bar=False, cpu=True), CHECKPOINT)
+STEP = CHECKPOINT / "checkpoints" / "step-1"
+ORIGINAL = verify_checkpoint(STEP)
+
+
+@SETTINGS
+@given(name=st.sampled_from(sorted(p.name for p in STEP.iterdir())), flips=damages, cut=cuts)
+def test_a_damaged_checkpoint_is_refused_or_reads_exactly_what_was_saved(name, flips, cut):
+    target = WORK / "step-1"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(STEP, target)
+    damage(target, name, flips, cut)
+    try:
+        files = verify_checkpoint(target)
+    except DamagedCheckpointError as err:
+        assert str(err)
+        return
+    assert files["state"] == ORIGINAL["state"]
+    for key in ("optimizer", "scheduler", "rng"):
+        assert repr(files[key]) == repr(ORIGINAL[key])  # tensors and plain values, printed in full

@@ -9,11 +9,13 @@ import logging
 import os
 import signal
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from ..io.locks import output_lock
 from ..train.config import TrainingConfig
-from .options import CliError, build_parser, config_from, parse_options
+from .options import DEMO_OUTPUTS, CliError, build_parser, config_from, parse_options
 
 __all__ = ["CliError", "build_parser", "main", "parse_options", "run_demo", "run_eval", "run_generate", "run_train"]
 
@@ -63,13 +65,9 @@ def _composed(opts: argparse.Namespace) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _is_main_process() -> bool:
-    """Rank 0 of a distributed launch (accelerate/torchrun set RANK), or a plain run."""
-    return os.environ.get("RANK", "0") == "0"
-
-
 def run_train(opts: argparse.Namespace) -> int:
-    """``lmcompose train``."""
+    """``lmcompose train``: nothing is written before the models and data load and pass their checks; the output
+    directory is locked from the moment ``train_args.yaml`` is written into it to the end of the run."""
     import yaml
     from accelerate.utils import set_seed
 
@@ -77,6 +75,7 @@ def run_train(opts: argparse.Namespace) -> int:
     from ..io.atomic import atomic_write_text
     from ..io.datasets import load_dataset
     from ..model.composed import ComposedModel
+    from ..train.engine import is_main_launch
     from ..train.recipe import train
 
     anchor, tokenizer, augments, augment_tokenizers = _load(opts)
@@ -84,23 +83,23 @@ def run_train(opts: argparse.Namespace) -> int:
     set_seed(opts.seed)  # the seed decides the initial connection weights too: a run is a function of its options
     model = ComposedModel(anchor, augments, composition, tokenizer=tokenizer, augment_tokenizer=augment_tokenizers,
                           checkpoint_connections=opts.checkpoint_connections)
-    train_data = _with_flag("--data", load_dataset, opts.data, tokenizer, opts.max_length)
-    eval_data = _with_flag("--eval-data", load_dataset, opts.eval_data, tokenizer, opts.max_length) if opts.eval_data else None
-    preserve = (_with_flag("--preserve-data", load_dataset, opts.preserve_data, tokenizer, opts.max_length)
-                if opts.preserve_data else None)
+    data = {flag: _with_flag(f"--{flag.replace('_', '-')}", load_dataset, getattr(opts, flag), tokenizer,
+                             opts.max_length) if getattr(opts, flag) else None
+            for flag in ("data", "eval_data", "preserve_data")}
     config = config_from(TrainingConfig, opts)
-    main_process = _is_main_process()
+    main_process = is_main_launch()
     if main_process:
         print(model.summary(), file=sys.stderr)
-    output = Path(opts.output)
-    output.mkdir(parents=True, exist_ok=True)
     recorded = {k: v for k, v in vars(opts).items() if k != "resume" and v is not None}
     if opts.connections is not None:  # in the flag's own form, so the file works as --config
         recorded["connections"] = ",".join(f"{i}:{j}" for i, j in opts.connections)
-    if main_process:
-        atomic_write_text(output / "train_args.yaml", yaml.safe_dump(recorded, sort_keys=False))
-    result = train(model, train_data, eval_data, config, output, resume=opts.resume, tokenizer=tokenizer,
-                   preserve_dataset=preserve)
+
+    def record_options() -> None:  # inside the run's lock: a second run cannot overwrite the first one's record
+        if main_process:
+            atomic_write_text(Path(opts.output) / "train_args.yaml", yaml.safe_dump(recorded, sort_keys=False))
+
+    result = train(model, data["data"], data["eval_data"], config, opts.output, resume=opts.resume, tokenizer=tokenizer,
+                   preserve_dataset=data["preserve_data"], on_locked=record_options)
     if result.interrupted:
         if main_process:
             print(f"lmcompose train: {result.interrupted} at step {result.step}: checkpoint written to "
@@ -120,6 +119,11 @@ def run_generate(opts: argparse.Namespace) -> int:
     from ..io.input_checks import composed_context_length
     from ..model.completion import complete
 
+    try:
+        opts.prompt.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise CliError(f"lmcompose generate: error: --prompt is not UTF-8 text (character {err.start + 1} is "
+                       f"{opts.prompt[err.start]!r}); give the prompt as text") from None
     model, tokenizer = _composed(opts)
     limit, role = composed_context_length(model)
     prompt_tokens = len(encode_prompt(tokenizer, opts.prompt))
@@ -142,7 +146,12 @@ def run_generate(opts: argparse.Namespace) -> int:
 
 
 def run_eval(opts: argparse.Namespace) -> int:
-    """``lmcompose eval``: prints a table; ``--output`` also writes JSON."""
+    """``lmcompose eval``: prints a table; ``--output`` also writes JSON, the directory it goes to locked meanwhile."""
+    with output_lock(Path(opts.output).parent, "evaluation") if opts.output else nullcontext():
+        return _evaluate(opts)
+
+
+def _evaluate(opts: argparse.Namespace) -> int:
     from ..io.atomic import atomic_write_text
     from ..io.datasets import load_dataset
     from ..io.input_checks import check_example_lengths
@@ -167,14 +176,22 @@ def run_eval(opts: argparse.Namespace) -> int:
 
 
 def run_demo(opts: argparse.Namespace) -> int:
-    """``lmcompose demo``: the paper's key-value arithmetic experiment, table printed and written to disk."""
-    from ..demos.kv.pipeline import run_demo as demo
+    """``lmcompose demo [kv|facts]``: the demo's table printed and written to disk with its chart."""
+    output = opts.output or DEMO_OUTPUTS[opts.name]
+    if opts.name == "facts":
+        if opts.preset != "quick":
+            raise CliError("lmcompose demo: error: --preset applies to the kv demo; the facts demo has one preset")
+        from ..demos.facts.pipeline import run_demo as facts
 
-    results = demo(opts.output, preset=opts.preset, progress=opts.progress, seed=opts.seed)
-    table = Path(opts.output) / "results.md"
+        results = facts(output, progress=opts.progress, seed=opts.seed)
+    else:
+        from ..demos.kv.pipeline import run_demo as kv
+
+        results = kv(output, preset=opts.preset, progress=opts.progress, seed=opts.seed)
+    table = Path(output) / "results.md"
     if table.is_file():
         print(table.read_text(encoding="utf-8"))
-    print(f"results written to {opts.output}/ (results.json, results.md, results.png)")
+    print(f"results written to {output}/ (results.json, results.md, results.png)")
     return 0 if results else 1
 
 
@@ -188,7 +205,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``lmcompose`` console script; returns the exit status (2 for bad input)."""
+    from ..io.atomic import DiskFullError
     from ..io.composition_files import CompositionMismatchError
+    from ..io.locks import OutputInUseError
     from ..io.jsonl import DataError
     from ..train.faults import TrainingDivergedError
 
@@ -205,7 +224,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         message = _one_line(err)
         print(message if message.startswith("lmcompose") else f"{prefix}: error: {message}", file=sys.stderr)
         return 2
-    except (DataError, CompositionMismatchError, FileNotFoundError, FileExistsError, NotImplementedError, ValueError) as err:
+    except (DataError, CompositionMismatchError, FileNotFoundError, FileExistsError, NotImplementedError, ValueError,
+            DiskFullError, OutputInUseError) as err:  # refused, nothing lost: exit 2
         if os.environ.get("LMCOMPOSE_DEBUG"):
             raise
         print(f"{prefix}: error: {_one_line(err)}", file=sys.stderr)

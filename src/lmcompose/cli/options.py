@@ -61,7 +61,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "generate": True,
         "no_composition": False,
     },
-    "demo": {"output": "lmcompose-demo", "preset": "quick", "progress": True, "seed": 0},
+    "demo": {"name": "kv", "preset": "quick", "progress": True, "seed": 0},
 }
 REQUIRED = {
     "train": ("anchor", "augment", "data", "output"),
@@ -69,6 +69,8 @@ REQUIRED = {
     "eval": ("anchor", "augment", "data"),
     "demo": (),
 }
+DEMOS = ("kv", "facts")
+DEMO_OUTPUTS = {"kv": "lmcompose-demo", "facts": "lmcompose-demo-facts"}  # each demo's default --output
 EXCLUSIVE = (("num_connections", "connections"), ("max_steps", "epochs"))
 
 
@@ -141,6 +143,7 @@ CONVERTERS: dict[str, Any] = {
     "seed": lambda text: _seed(text),
     "positive_number": lambda text: _positive_float(text),
     "non_negative_number": lambda text: _non_negative_float(text),
+    "number": lambda text: _number(text, "a finite number", lambda v: True),
     "connections": lambda text: _connections(text),
 }
 
@@ -251,17 +254,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="score greedy completions (exact match, chrF) (default: on)")
 
     d = DEFAULTS["demo"]
-    demo = sub.add_parser("demo", help="reproduce the paper's key-value arithmetic experiment (§4.1) end to end",
-                          description="Build the key-value task, train (or reuse) the two base models, compose them on "
-                          "20% of the keys and evaluate m_A, m_B, CALM, CALM with a random m_A, LoRA and full "
-                          "fine-tuning on held-out keys. Writes results.json, results.md and results.png.")
+    demo = sub.add_parser("demo", help="reproduce a result end to end: key-value arithmetic (§4.1, the default) or facts "
+                          "composed into the real SmolLM2-135M",
+                          description="kv: build the key-value task, train (or reuse) the two base models, compose them "
+                          "on 20% of the keys and evaluate m_A, m_B, CALM, CALM with a random m_A, LoRA and full "
+                          "fine-tuning on held-out keys. facts: compose SmolLM2-135M with two augments (its own first "
+                          "blocks, and a character-level model) that know 1000 invented people, and score every row on "
+                          "held-out people and on what it costs SmolLM2. Each writes results.json, results.md and "
+                          "results.png.")
+    demo.add_argument("name", nargs="?", choices=DEMOS, help=f"which demo (default: {d['name']})")
     demo.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file (keys are the flag names)")
-    demo.add_argument("--output", metavar="DIR", help=f"where results and the cached base models go (default: {d['output']})")
+    demo.add_argument("--output", metavar="DIR", help="where results and the cached models go (default: "
+                      + ", ".join(f"{o} for {n}" for n, o in DEMO_OUTPUTS.items()) + ")")
     demo.add_argument("--preset", choices=["quick", "paper"],
-                      help="quick: CPU-sized (minutes); paper: the paper's scale, for a GPU (default: quick)")
+                      help="kv only: quick: CPU-sized (minutes); paper: the paper's scale, for a GPU (default: quick)")
     demo.add_argument("--progress", action=argparse.BooleanOptionalAction, help="print progress (default: on)")
     demo.add_argument("--seed", type=_non_negative, metavar="N",
-                      help="seed of the task (keys, values, split) and of every model and data stream (default: 0)")
+                      help="seed of the task and of every model and data stream (default: 0)")
     return parser
 
 
@@ -272,17 +281,15 @@ def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.Argume
 
 def _file_options(path: str, sub: argparse.ArgumentParser) -> dict[str, Any]:
     """Options from a YAML file, checked and converted like the flags they stand for."""
-    import yaml
+    from ..io.safe_files import parse_yaml, read_text
 
     file = Path(path)
     if not file.is_file():
         raise CliError(f"--config: no such file {path}")
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f", line {mark.line + 1}" if mark is not None else ""
-        raise CliError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        data = parse_yaml(read_text(file, "config file"), str(path)) or {}
+    except ValueError as err:
+        raise CliError(str(err)) from None
     if not isinstance(data, dict):
         raise CliError(f"{path}: expected a mapping of option names to values")
     actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "config")}

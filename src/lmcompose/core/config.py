@@ -37,8 +37,12 @@ class CompositionConfig(DictConfig):
     proj_bias: bool = config_field(True, "bias in f_proj (the augment -> anchor projection)", "bool")
     # beyond the paper: lets a connection add nothing where the augment has nothing to add (the facts demo)
     null_attention: bool = config_field(
-        False, "every cross-attention query may also attend to a learned key whose value is zero, so a connection "
-        "can add nothing where the augment has nothing to add", "bool", flag="null_attention")
+        False, "every cross-attention query may also attend to a learned key whose value is zero (scored against "
+        "the average augment key), so a connection can add nothing where the augment has nothing to add", "bool",
+        flag="null_attention")
+    null_score: float = config_field(
+        0.0, "with null_attention: the null key's initial score offset (learned); above 0 a connection starts out "
+        "reading the null unless an augment key scores clearly higher", "number", flag="null_score")
     extra: dict = field(default_factory=dict)  # free-form user metadata, saved with the composition
 
     def __post_init__(self) -> None:

@@ -60,6 +60,8 @@ class CrossAttention(nn.Module):
         proj_bias: bias in f_proj.
         null_attention: every query may also attend to one learned key per head whose value is zero, so a
             connection can add (close to) nothing where the augment has nothing to add (beyond the paper).
+        null_score: the null key's initial score offset in every head (learned): above 0, a query reads the null
+            unless an augment key scores clearly higher, so a connection starts out adding nothing anywhere.
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class CrossAttention(nn.Module):
         rotary: bool = False,
         proj_bias: bool = True,
         null_attention: bool = False,
+        null_score: float = 0.0,
     ) -> None:
         super().__init__()
         if anchor_dim % num_heads != 0:
@@ -93,6 +96,7 @@ class CrossAttention(nn.Module):
         nn.init.zeros_(self.out.weight)
         # the null key of each head (its value is zero); zero at init: its score starts at 0 for every query
         self.null_key = nn.Parameter(torch.zeros(num_heads, self.head_dim)) if null_attention else None
+        self.null_bias = nn.Parameter(torch.full((num_heads,), float(null_score))) if null_attention else None
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -186,9 +190,10 @@ class CrossAttention(nn.Module):
             q = apply_rotary(q, _require(positions, "query positions"))
         if mask is None and keys.shape[2] != t:
             raise ValueError(f"A causal cross-attention needs as many keys as queries, got {keys.shape[2]} and {t}")
-        if self.null_key is not None:
-            keys, values, mask = self._with_null(keys, values, mask, t)
-        if mask is None:
+        if self.null_key is not None:  # every query reads the null too: no query is left with nothing to read
+            keys, values, scores = self._with_null(keys, values, mask, t)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=scores)  # (b, h, t, d)
+        elif mask is None:
             y = F.scaled_dot_product_attention(q, keys, values, is_causal=True)  # (b, h, t, d)
         else:
             # A query that may read no key at all (padding) gets a zero update instead of NaN.
@@ -202,16 +207,21 @@ class CrossAttention(nn.Module):
     def _with_null(
         self, keys: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor], t: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keys and values (b, h, 1 + s, d) with the null key (value zero) in front, and the mask (b or 1, 1, t, 1 + s)
-        that lets every query read it (``mask`` None: causal with t == s)."""
+        """Keys and values (b, h, 1 + s, d) with the null key (value zero) in front, and the additive mask
+        (b or 1, h, t, 1 + s): 0 where a query may read a key, -inf elsewhere (``mask`` None: causal with t == s), and
+        on the null's column its learned offset plus the log of the number of keys the query may read, so the null
+        stands against the average key, not their sum: a query far into a long text does not read the augment more
+        because it has more keys to read."""
         b, h, s, d = keys.shape
         null = self.null_key.to(keys.dtype)[None, :, None, :].expand(b, h, 1, d)  # (b, h, 1, d)
         keys = torch.cat([null, keys], dim=2)
         values = torch.cat([values.new_zeros(b, h, 1, d), values], dim=2)
         if mask is None:
             mask = torch.ones(t, s, dtype=torch.bool, device=keys.device).tril()[None, None]  # (1, 1, t, s)
-        readable = torch.ones(*mask.shape[:3], 1, dtype=torch.bool, device=mask.device)  # (b or 1, 1, t, 1)
-        return keys, values, torch.cat([readable, mask], dim=-1)
+        scores = torch.zeros(mask.shape, dtype=keys.dtype, device=keys.device).masked_fill(~mask, float("-inf"))
+        readable = mask.sum(dim=-1, keepdim=True).clamp(min=1).to(keys.dtype).log()  # (b or 1, 1, t, 1)
+        offset = self.null_bias.to(keys.dtype)[None, :, None, None] + readable  # (b or 1, h, t, 1)
+        return keys, values, torch.cat([offset, scores.expand(-1, h, -1, -1)], dim=-1)
 
 
 def _require(x: Optional[torch.Tensor], what: str) -> torch.Tensor:

@@ -13,6 +13,7 @@ from typing import Any, Optional, TypeVar
 
 C = TypeVar("C", bound="DictConfig")
 
+FLOAT32_MAX = 3.4028234663852886e38
 # The checks a field's value must pass: what each accepts, said as the error message says it.
 CHECKS = {
     "positive": "a positive integer",
@@ -21,6 +22,7 @@ CHECKS = {
     "positive_number": "> 0",
     "non_negative_number": ">= 0",
     "beta": "in [0, 1)",
+    "number": "a finite number",
     "bool": "true or false",
     "choice": "one of",
     "connections": "checked by the config itself",
@@ -88,7 +90,7 @@ def check_value(spec: Field, value: Any) -> Any:
         return value
     if check == "connections" or (optional and value is None and not check.endswith("number")):
         return value
-    if check.endswith("number") or check == "beta":
+    if check.endswith("number") or check in ("beta",):
         return _check_number(name, check, value, optional)
     ok = isinstance(value, int) and not isinstance(value, bool)
     ok = ok and (0 <= value < 2**32 if check == "seed" else value >= (1 if check == "positive" else 0))
@@ -111,7 +113,9 @@ def _check_number(name: str, check: str, value: Any, optional: bool) -> Any:
         raise ValueError(f"{name} must be a number, got {value!r}")
     if not _finite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
-    ok = {"positive_number": value > 0, "non_negative_number": value >= 0, "beta": 0 <= value < 1}[check]
+    if abs(value) > FLOAT32_MAX:  # the optimiser and the model hold it in float32
+        raise ValueError(f"{name} must be at most {FLOAT32_MAX:.3g} in size (it is used as a float32), got {value!r}")
+    ok = {"positive_number": value > 0, "non_negative_number": value >= 0, "beta": 0 <= value < 1, "number": True}[check]
     if not ok:
         raise ValueError(f"{name} must be {CHECKS[check]}{' or None' if optional else ''}, got {value!r}")
     return value

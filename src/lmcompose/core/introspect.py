@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from typing import Any, Optional
 
@@ -53,6 +54,13 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     # Prefer the shallowest match (the decoder itself, not a list nested inside a block).
     name, blocks = min(pool, key=lambda c: (c[0].count("."), -len(c[1])))
     return blocks
+
+
+def decoder_blocks_prefix(model: nn.Module) -> str:
+    """The state-dict prefix of the decoder blocks (``"model.layers."`` for Llama): block i's weights start with it
+    followed by ``i.``."""
+    blocks = decoder_blocks(model)
+    return next(name for name, module in model.named_modules() if module is blocks) + "."
 
 
 def num_layers(model: nn.Module) -> int:
@@ -166,8 +174,28 @@ def weight_signature(model: nn.Module, count: int = 16) -> list[float]:
     return [round(float(x), 6) for x in picks.float().cpu()]
 
 
+def weights_digest(model: nn.Module, per_tensor: int = 4096) -> str:
+    """A sha256 over every tensor of the model (parameters and buffers): its name, shape and ``per_tensor`` evenly
+    spaced entries rounded to bfloat16 (so a float32 copy and a bfloat16 copy of one model agree).
+
+    Changing any tensor of a model, or most of its entries, changes the digest; it reads a few thousand entries per
+    tensor, not the whole model. Tensors on the meta device (offloaded) count by name and shape only.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:".encode())
+        if tensor.device.type == "meta" or tensor.numel() == 0:
+            continue
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // per_tensor)][:per_tensor]
+        sample = sample.to(torch.bfloat16).view(torch.int16) if sample.is_floating_point() else sample.to(torch.int64)
+        digest.update(sample.cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def fingerprint(model: nn.Module) -> dict[str, Any]:
-    """What identifies a base model for a saved composition: structure, origin and a weight sample."""
+    """What identifies a base model for a saved composition: structure, origin, an embedding sample and a digest
+    of every tensor."""
     config = text_config(model)
     return {
         "model_type": getattr(config, "model_type", type(model).__name__),
@@ -176,4 +204,5 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
         "vocab_size": vocab_size(model),
         "name_or_path": getattr(model.config, "_name_or_path", "") or "",
         "weight_signature": weight_signature(model),
+        "weights_digest": weights_digest(model),
     }

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 PathLike = Union[str, Path]
 
@@ -20,8 +21,40 @@ def fsync_dir(directory: PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then move the result to ``path``: readers see the old file or the new one."""
+class DiskFullError(OSError):
+    """A write failed because the device is full; the message names the file and the space it needs."""
+
+    def __init__(self, path: PathLike, free: int, needed: int) -> None:
+        super().__init__(errno.ENOSPC, f"No space left on the device of {path}: {free:,} bytes free, writing it needs "
+                                       f"about {needed:,}; free space and run again (training continues from its last "
+                                       "complete checkpoint with --resume)", str(path))
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def disk_full(err: BaseException, directory: PathLike) -> bool:
+    """Whether a failed write failed for lack of space: ENOSPC anywhere in its chain, or (torch and safetensors say
+    it in their own words) less than 1 MiB left on the device as it failed."""
+    seen: Optional[BaseException] = err
+    while seen is not None:
+        if getattr(seen, "errno", None) == errno.ENOSPC:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(directory).free < (1 << 20)
+    except OSError:
+        return False
+
+
+def atomic_write(path: PathLike, write: Callable[[str], None], size_hint: int = 0) -> None:
+    """Call ``write(tmp_path)`` then move the result to ``path``: readers see the old file or the new one.
+
+    Args:
+        size_hint: about how many bytes ``write`` writes, for the message when the disk fills up.
+    Raises:
+        DiskFullError: the device filled up (the old file, if any, is untouched and no temporary file is left).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -31,9 +64,13 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        full = isinstance(err, Exception) and disk_full(err, path.parent)  # checked while the partial file fills it
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if full:
+            raise DiskFullError(path, shutil.disk_usage(path.parent).free, max(size_hint, written + (1 << 20))) from err
         raise
     fsync_dir(path.parent)
 

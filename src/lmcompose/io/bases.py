@@ -5,6 +5,7 @@ Nothing is downloaded: every path is local, and remote code runs only when asked
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 import torch
@@ -97,6 +98,9 @@ def _load_transformers_dir(
         if dtype is not None:
             kwargs["dtype"] = dtype
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except pickle.UnpicklingError as err:  # a pickled checkpoint holding more than tensors: refused, never run
+        raise ValueError(f"{path}: its weights are a pickle that holds more than tensors, and only weights-only files "
+                         f"are loaded ({str(err).splitlines()[0][:200]}); save the model as safetensors") from None
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"{path}: cannot load a causal LM ({str(err).splitlines()[0]})") from err
     if not with_tokenizer:

@@ -11,6 +11,7 @@ from typing import Any, Sequence, Union
 
 import torch
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -18,6 +19,7 @@ from ..core import introspect
 from ..core.config import CompositionConfig
 from ..version import __version__
 from .atomic import atomic_write, atomic_write_text
+from .safe_files import bytes_digest, file_digest, read_json
 
 CONFIG_NAME = "composition_config.json"
 WEIGHTS_NAME = "composition.safetensors"
@@ -44,18 +46,31 @@ def composition_metadata(model: Any) -> dict[str, Any]:
     }
 
 
+WEIGHT_FIELDS = ("weights_bytes", "weights_sha256")  # what the JSON says of the weights file, known only after it
+
+
+def description_digest(meta: dict[str, Any]) -> str:
+    """The sha256 of a composition's JSON without what it records of the weights file: stored in the weights'
+    metadata, so a config and weights from two different saves are told apart."""
+    described = {k: v for k, v in meta.items() if k not in WEIGHT_FIELDS}
+    return bytes_digest(json.dumps(described, sort_keys=True).encode())
+
+
 def save_composition(model: Any, path: Union[str, Path]) -> None:
     """Write ``model``'s composition to directory ``path`` (never the base models).
 
-    Weights are written before the JSON, each file atomically, and the JSON records the weights'
-    size so a pair from two different saves is detected on load.
+    The weights are written first, carrying the digest of the JSON that describes them; then the JSON, recording the
+    weights' size and sha256. Each file is written atomically; loading checks both ways.
     """
     path = Path(path)
     state = {k: v.detach().contiguous().cpu() for k, v in model.composition_state_dict().items()}
-    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     meta = composition_metadata(model)
-    meta["weights_bytes"] = os.path.getsize(path / WEIGHTS_NAME)
     meta["tensors"] = {k: list(v.shape) for k, v in state.items()}
+    metadata = {"format": "pt", "composition_sha256": description_digest(meta)}
+    size = sum(v.numel() * v.element_size() for v in state.values())
+    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata=metadata), size)
+    meta["weights_bytes"] = os.path.getsize(path / WEIGHTS_NAME)
+    meta["weights_sha256"] = file_digest(path / WEIGHTS_NAME)
     atomic_write_text(path / CONFIG_NAME, json.dumps(meta, indent=2))
 
 
@@ -69,10 +84,7 @@ def read_metadata(path: Union[str, Path]) -> dict[str, Any]:
         raise FileNotFoundError(f"{path} holds no {CONFIG_NAME}: is it a composition saved by lmcompose?")
     if not (path / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"{path} holds no {WEIGHTS_NAME}: the composition weights are missing")
-    try:
-        meta = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config_file} is not valid JSON ({err}); the file is damaged or truncated") from err
+    meta = read_json(config_file, "composition config")
     for key in ("config", "connections", "anchor", "augments"):
         if not isinstance(meta, dict) or key not in meta:
             raise ValueError(f"{config_file} has no {key!r} entry; it is not an lmcompose composition config")
@@ -102,12 +114,18 @@ def _check_metadata_types(meta: dict[str, Any], config_file: Path) -> None:
     for role, fingerprint in [("anchor", meta["anchor"])] + [("augments", f) for f in meta["augments"]]:
         if not isinstance(fingerprint, dict):
             refuse(f"each {role!r} fingerprint must be a mapping", fingerprint)
+        digest = fingerprint.get("weights_digest")
+        if digest is not None and not (isinstance(digest, str) and len(digest) == 64):
+            refuse(f"the {role} weights_digest must be the 64 hex digits of a sha256", digest)
         signature = fingerprint.get("weight_signature")
         if signature is not None and not (
             isinstance(signature, list)
             and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in signature)
         ):
             refuse(f"the {role} weight_signature must be a list of numbers", signature)
+    digest = meta.get("weights_sha256")
+    if digest is not None and not (isinstance(digest, str) and len(digest) == 64):
+        refuse("'weights_sha256' must be the 64 hex digits of a sha256", digest)
     size = meta.get("weights_bytes")
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
         refuse("'weights_bytes' must be a non-negative integer", size)
@@ -133,6 +151,8 @@ def compare_fingerprints(saved: dict[str, Any], current: dict[str, Any], role: s
         )
         if not close:
             errors.append(f"{role} weights differ from those the composition was trained on (embedding sample)")
+    if not errors and saved.get("weights_digest") is not None and saved["weights_digest"] != current["weights_digest"]:
+        errors.append(f"{role} weights differ from those the composition was trained on (a digest of every tensor)")
     if saved.get("name_or_path") and saved["name_or_path"] != current["name_or_path"]:
         notes.append(f"{role} was loaded from {saved['name_or_path']!r}, now from {current['name_or_path']!r}")
     return errors, notes
@@ -182,6 +202,23 @@ def load_composition(
     except TypeError as err:  # a damaged config that passed the checks above (e.g. connections of the wrong shape)
         raise ValueError(f"{path / CONFIG_NAME}: its composition config is not valid ({err})") from None
 
+    state = read_weights(path, meta)
+    own = {k: tuple(v.shape) for k, v in model.connections.state_dict().items()}
+    details = _differences(own, state, "the model needs")
+    if details:
+        raise ValueError(f"{path / WEIGHTS_NAME} does not match {CONFIG_NAME}: " + "; ".join(details))
+    model.connections.load_state_dict(state)
+    return model
+
+
+def read_weights(path: Union[str, Path], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights of a composition directory, after every check its JSON allows.
+
+    Refused (ValueError naming the file): a size or sha256 other than the JSON records (truncated, damaged, or from
+    another save), a JSON other than the one the weights were saved with (the digest in their metadata), a file
+    safetensors cannot read, tensor names or shapes other than those the JSON records.
+    """
+    path = Path(path)
     weights_file = path / WEIGHTS_NAME
     expected_bytes = meta.get("weights_bytes")
     if expected_bytes is not None and os.path.getsize(weights_file) != expected_bytes:
@@ -189,30 +226,24 @@ def load_composition(
             f"{weights_file} has {os.path.getsize(weights_file)} bytes but {CONFIG_NAME} records {expected_bytes}: "
             "the file is truncated or belongs to another save"
         )
+    if meta.get("weights_sha256") is not None and file_digest(weights_file) != meta["weights_sha256"]:
+        raise ValueError(f"{weights_file} does not have the sha256 {CONFIG_NAME} records: the file is damaged or "
+                         "belongs to another save")
     try:
+        with safe_open(str(weights_file), "pt") as f:
+            stored = (f.metadata() or {}).get("composition_sha256")
         state = load_file(str(weights_file))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{weights_file} cannot be read as safetensors ({err}); the file is damaged") from err
+    if stored is not None and stored != description_digest(meta):
+        raise ValueError(f"{path / CONFIG_NAME} is not the one {weights_file} was saved with (the digest the weights "
+                         "carry differs): the two files come from different saves, or the JSON was edited")
     recorded = meta.get("tensors")  # the names and shapes the save wrote: the two files must agree
     if recorded is not None:
         details = _differences({k: tuple(v) for k, v in recorded.items()}, state, f"{CONFIG_NAME} records")
         if details:
             raise ValueError(f"{weights_file} does not match {CONFIG_NAME}: " + "; ".join(details))
-    own = model.connections.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        details = []
-        if missing:
-            details.append(f"missing tensors {missing[:5]}")
-        if unexpected:
-            details.append(f"unexpected tensors {unexpected[:5]}")
-        for k in wrong[:5]:
-            details.append(f"{k}: file has {tuple(state[k].shape)}, model needs {tuple(own[k].shape)}")
-        raise ValueError(f"{weights_file} does not match {CONFIG_NAME}: " + "; ".join(details))
-    model.connections.load_state_dict(state)
-    return model
+    return state
 
 
 def _differences(expected: dict[str, tuple], state: dict[str, torch.Tensor], source: str) -> list[str]:

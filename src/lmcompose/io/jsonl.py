@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
+MAX_LINE_BYTES = 8 << 20  # one example; a longer line is refused before it is held in memory whole
 COMPLETION_KEYS = ("prompt", "completion")
 TEXT_KEYS = ("text",)
 
@@ -53,8 +54,11 @@ def read_jsonl(path: Union[str, Path]) -> Records:
     except OSError as err:
         raise DataError(f"{path}: cannot read the data file ({err.strerror or err})") from None
     with f:
-        for number, raw in enumerate(f, start=1):
+        for number, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), start=1):
             where = f"{path}, line {number}"
+            if len(raw) > MAX_LINE_BYTES:
+                raise DataError(f"{where}: the line is longer than {MAX_LINE_BYTES:,} bytes; split the example or "
+                                "shorten it (examples are cut to --max-length tokens anyway)")
             line = _decode_line(raw, number, where)
             if not line.strip():
                 continue

@@ -38,6 +38,7 @@ def build_connection(anchor: nn.Module, augment: nn.Module, config: CompositionC
         rotary=config.rotary,
         proj_bias=config.proj_bias,
         null_attention=config.null_attention,
+        null_score=config.null_score,
     )
 
 

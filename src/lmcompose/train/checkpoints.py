@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from ..io.atomic import atomic_write, atomic_write_text, fsync_dir, remove_directory
+from ..io.composition_files import read_metadata, read_weights
+from ..io.safe_files import bytes_digest, file_digest, read_json
 from ..model.composed import ComposedModel
 from .config import TrainingConfig
 
@@ -22,6 +24,7 @@ STATE_NAME = "trainer_state.json"  # written last: its presence marks a complete
 OPTIMIZER_NAME = "optimizer.pt"
 SCHEDULER_NAME = "scheduler.pt"
 RNG_NAME = "rng_state.pt"
+TENSOR_FILES = (OPTIMIZER_NAME, SCHEDULER_NAME, RNG_NAME)  # their sha256 is in the state JSON, written after them
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 logger = logging.getLogger(__name__)
@@ -129,10 +132,13 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         model.save_composition(tmp)
-        atomic_write(tmp / OPTIMIZER_NAME, lambda t: torch.save(optimizer.state_dict(), t))
+        optimizer_state = optimizer.state_dict()
+        atomic_write(tmp / OPTIMIZER_NAME, lambda t: torch.save(optimizer_state, t), _tensor_bytes(optimizer_state))
         atomic_write(tmp / SCHEDULER_NAME, lambda t: torch.save(scheduler.state_dict(), t))
         atomic_write(tmp / RNG_NAME, lambda t: torch.save(capture_rng_state(), t))
-        atomic_write_text(tmp / STATE_NAME, json.dumps(state, indent=2))
+        recorded = {**state, "sha256": {name: file_digest(tmp / name) for name in TENSOR_FILES}}
+        recorded["state_sha256"] = _state_digest(recorded)
+        atomic_write_text(tmp / STATE_NAME, json.dumps(recorded, indent=2))
         if final.exists():
             remove_directory(final)
         os.replace(tmp, final)
@@ -145,6 +151,22 @@ def save_checkpoint(
     return final
 
 
+def _state_digest(state: dict[str, Any]) -> str:
+    """The sha256 of a trainer state's content (without its own digest), independent of white space."""
+    return bytes_digest(json.dumps({k: v for k, v in state.items() if k != "state_sha256"}, sort_keys=True).encode())
+
+
+def _tensor_bytes(value: Any) -> int:
+    """The bytes of every tensor in a nest of dicts, lists and tuples (what a torch.save of it writes, about)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
 def load_checkpoint_files(path: Union[str, Path]) -> dict[str, Any]:
     """Read a checkpoint's optimiser, scheduler and RNG states (``weights_only=True``) and its state JSON.
 
@@ -155,18 +177,52 @@ def load_checkpoint_files(path: Union[str, Path]) -> dict[str, Any]:
     missing = [n for n in (STATE_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, RNG_NAME) if not (path / n).is_file()]
     if missing:
         raise FileNotFoundError(f"Checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    try:
+        state = read_json(path / STATE_NAME, "trainer state")
+    except ValueError as err:
+        raise DamagedCheckpointError(str(err)) from None
+    if isinstance(state, dict) and "state_sha256" in state and state["state_sha256"] != _state_digest(state):
+        raise DamagedCheckpointError(f"{path / STATE_NAME} is not as it was written (its own digest differs): the "
+                                     "file is damaged or was edited")
+    check_state(state, path)
+    digests = state.get("sha256") if isinstance(state.get("sha256"), dict) else {}
+    for name in TENSOR_FILES:  # before anything is unpickled
+        if name in digests and file_digest(path / name) != digests[name]:
+            raise DamagedCheckpointError(f"{path / name} does not have the sha256 {STATE_NAME} records: the file is "
+                                         "damaged or belongs to another checkpoint")
     files = {key: _load_tensors(path / name) for key, name in (("optimizer", OPTIMIZER_NAME),
                                                                ("scheduler", SCHEDULER_NAME), ("rng", RNG_NAME))}
-    try:
-        state = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DamagedCheckpointError(f"{path / STATE_NAME} is not valid JSON ({err})") from None
-    missing = [k for k in ("step", "epoch", "position", "num_examples", "data_sha256", "config")
-               if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise DamagedCheckpointError(f"{path / STATE_NAME} lacks {', '.join(missing)}: not a checkpoint lmcompose wrote")
     files["state"] = state
     return files
+
+
+def check_state(state: Any, path: Path) -> None:
+    """Refuse a trainer state with a field missing, of the wrong type or out of range (a hand edit, a damaged file):
+    resuming from it would skip a wrong number of batches, or spin on one far past the data."""
+    where = path / STATE_NAME
+    if not isinstance(state, dict):
+        raise DamagedCheckpointError(f"{where} is not a mapping: not a checkpoint lmcompose wrote")
+    missing = [k for k in ("step", "epoch", "position", "num_examples", "data_sha256", "config") if k not in state]
+    if missing:
+        raise DamagedCheckpointError(f"{where} lacks {', '.join(missing)}: not a checkpoint lmcompose wrote")
+
+    def integer(key: str, low: int) -> int:
+        value = state[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise DamagedCheckpointError(f"{where}: {key} must be an integer >= {low}, got {value!r:.40}")
+        return value
+
+    step = integer("step", 1)
+    integer("epoch", 0), integer("position", 0), integer("num_examples", 1)
+    for key in ("total_steps", "num_processes"):
+        if key in state:
+            integer(key, 1)
+    if step_of(path) is not None and step != step_of(path):
+        raise DamagedCheckpointError(f"{where}: step {step} but the directory is {path.name}")
+    if state.get("total_steps") is not None and step > state["total_steps"]:
+        raise DamagedCheckpointError(f"{where}: step {step} is past the run's {state['total_steps']} steps")
+    if not isinstance(state["data_sha256"], str) or not isinstance(state["config"], dict):
+        raise DamagedCheckpointError(f"{where}: data_sha256 must be text and config a mapping")
 
 
 def _load_tensors(file: Path) -> Any:
@@ -192,22 +248,13 @@ def verify_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
     Raises:
         DamagedCheckpointError: a file is missing, truncated, malformed or not weights-only.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from ..io.composition_files import WEIGHTS_NAME, read_metadata
-
     path = Path(path)
     try:
         files = load_checkpoint_files(path)
-        meta = read_metadata(path)
-        weights = path / WEIGHTS_NAME
-        if meta.get("weights_bytes") is not None and os.path.getsize(weights) != meta["weights_bytes"]:
-            raise DamagedCheckpointError(f"{weights} is truncated: its size differs from the one its JSON records")
-        load_file(str(weights))
+        read_weights(path, read_metadata(path))
     except DamagedCheckpointError:
         raise
-    except (FileNotFoundError, ValueError, SafetensorError, OSError) as err:
+    except (FileNotFoundError, ValueError, OSError) as err:
         raise DamagedCheckpointError(str(err)) from None
     return files
 
@@ -241,13 +288,25 @@ def restore_composition(
             f"({state['num_examples']} examples then, {num_examples} now)"
         )
     saved = ComposedModel.from_composition(checkpoint, model.anchor, list(model.augments))
-    if saved.resolved_connections != model.resolved_connections:
-        raise ValueError(
-            f"Cannot resume from {checkpoint}: it connects layers {saved.resolved_connections}, "
-            f"the model {model.resolved_connections}"
-        )
+    differences = composition_differences(saved, model)
+    if differences:
+        raise ValueError(f"Cannot resume from {checkpoint}: its composition differs from the model's "
+                         f"(checkpoint != now): {'; '.join(differences)}")
     model.connections.load_state_dict(saved.connections.state_dict())
     return files
+
+
+def composition_differences(saved: Any, model: Any) -> list[str]:
+    """How two compositions differ in what shapes their weights and their function: connected layers, heads (as
+    resolved), norms, rotary, f_proj's bias, null attention. Empty when they are the same composition."""
+    def described(m: Any) -> dict[str, Any]:
+        config = m.composition_config
+        return {"connections": m.resolved_connections, "num_heads": m.connections[0][0].num_heads,
+                "norm": config.norm, "rotary": config.rotary, "proj_bias": config.proj_bias,
+                "null_attention": config.null_attention, "null_score": config.null_score}
+
+    before, now = described(saved), described(model)
+    return [f"{key}: {before[key]!r} != {now[key]!r}" for key in before if before[key] != now[key]]
 
 
 def newest_readable(checkpoints: Path) -> Optional[Path]:

@@ -7,12 +7,12 @@ the weights (a resumed run must agree with its checkpoint on it). The CLI builds
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional, Union
 
 from ..core.fields import DictConfig, check_value, config_field
+from ..io.safe_files import parse_json, parse_yaml, read_text
 
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 PRECISIONS = ("no", "bf16")
@@ -88,9 +88,7 @@ class TrainingConfig(DictConfig):
     @classmethod
     def from_yaml(cls, text: str) -> "TrainingConfig":
         """Parse YAML text (a mapping of field names to values)."""
-        import yaml
-
-        data = yaml.safe_load(text) or {}
+        data = parse_yaml(text, "the training config") or {}
         if not isinstance(data, dict):
             raise ValueError(f"A TrainingConfig in YAML must be a mapping of fields, got {type(data).__name__}")
         return cls.from_dict(data)
@@ -98,19 +96,19 @@ class TrainingConfig(DictConfig):
     @classmethod
     def load(cls, path: Union[str, Path]) -> "TrainingConfig":
         """Read a ``.json``, ``.yaml`` or ``.yml`` file."""
-        import yaml
-
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
+            text = read_text(path, "training config")
+        except OSError as err:
             raise ValueError(f"{path}: cannot read the training config ({err})") from None
         try:
-            return cls.from_json(text) if path.suffix == ".json" else cls.from_yaml(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as err:
-            raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({err})") from None
+            data = parse_json(text, str(path)) if path.suffix == ".json" else parse_yaml(text, str(path)) or {}
+            if not isinstance(data, dict):
+                raise ValueError(f"A TrainingConfig must be a mapping of fields, got {type(data).__name__}")
+            return cls.from_dict(data)
         except (ValueError, TypeError) as err:
-            raise ValueError(f"{path}: {err}") from None
+            message = str(err)
+            raise ValueError(message if message.startswith(str(path)) else f"{path}: {message}") from None
 
     def trajectory_differences(self, other: "TrainingConfig") -> list[str]:
         """The trajectory fields on which two configs differ, as ``"name: a != b"`` lines."""

@@ -3,11 +3,18 @@ over ranks."""
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import torch
 
 from .config import TrainingConfig
+
+
+def is_main_launch() -> bool:
+    """Rank 0 of a distributed launch (accelerate and torchrun set RANK), or a plain run: known before any
+    Accelerator exists."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def make_accelerator(config: TrainingConfig) -> Any:

@@ -10,22 +10,26 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import signal
 import time
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..core.padding import pad_token_id
-from ..io.atomic import publish_directory, remove_stale_temporaries, remove_unpublished
+from ..io.atomic import publish_directory, remove_directory, remove_stale_temporaries, remove_unpublished
 from ..io.augment_cache import with_cached_states
 from ..io.collate import collator_for
 from ..io.datasets import WithPreservation, data_fingerprint
 from ..io.input_checks import check_example_lengths
+from ..io.locks import output_lock
 from . import engine
 from .checkpoints import (
+    DamagedCheckpointError,
     find_start,
     remove_incomplete,
     restore_composition,
@@ -56,7 +60,8 @@ class Recipe:
 
     def __init__(self, model: Any, train_dataset: Dataset, eval_dataset: Optional[Dataset] = None,
                  config: Optional[TrainingConfig] = None, output_dir: Union[str, Path, None] = None,
-                 resume: bool = False, tokenizer: Any = None, preserve_dataset: Optional[Dataset] = None) -> None:
+                 resume: bool = False, tokenizer: Any = None, preserve_dataset: Optional[Dataset] = None,
+                 on_locked: Optional[Callable[[], None]] = None) -> None:
         if output_dir is None:
             raise TypeError("train() needs output_dir: the directory for checkpoints, metrics and the composition")
         self.model = model
@@ -68,6 +73,7 @@ class Recipe:
         self.resume = resume
         self.tokenizer = tokenizer
         self.preserve_dataset = preserve_dataset if self.config.preserve_weight > 0 else None
+        self.on_locked = on_locked
         self.state = RunState()
 
     # ----------------------------------------------------------------- setup
@@ -76,7 +82,6 @@ class Recipe:
         """Check the inputs, find the checkpoint to start from, prepare the output, data, optimiser; restore."""
         from accelerate.utils import set_seed
 
-        self._check_inputs()
         self.start_from = find_start(self.checkpoints, self.resume)
         self.accelerator = engine.make_accelerator(self.config)
         self.main = self.accelerator.is_main_process  # only rank 0 writes files
@@ -91,7 +96,7 @@ class Recipe:
         elif self.config.cache_augment_states and self.main:
             append_metrics(self.metrics_file, {"kind": "cache", "step": 0, **self.cache_report})
 
-    def _check_inputs(self) -> None:
+    def check_inputs(self) -> None:
         """Refuse what cannot train before any work: a cache that cannot apply, examples longer than the models."""
         own = [a for a in range(len(self.model.augments)) if not self.model.shares_tokenizer(a)]
         if own and self.config.cache_augment_states:
@@ -112,8 +117,10 @@ class Recipe:
             remove_incomplete(self.checkpoints)
             remove_unpublished(self.output, COMPOSITION_DIR)
             remove_stale_temporaries(self.output)
-            if self.start_from is None and self.metrics_file.exists():
-                self.metrics_file.unlink()
+            if self.start_from is None:  # a fresh run: nothing of an earlier one stays beside its records
+                self.metrics_file.unlink(missing_ok=True)
+                if (self.output / COMPOSITION_DIR).is_dir():
+                    remove_directory(self.output / COMPOSITION_DIR)
         self.accelerator.wait_for_everyone()
 
     def _setup_data(self) -> None:
@@ -178,6 +185,10 @@ class Recipe:
         self.scheduler.load_state_dict(files["scheduler"])
         restore_rng_state(files["rng"])
         self.state.step, self.state.epoch, self.state.position = (files["state"][k] for k in ("step", "epoch", "position"))
+        if self.state.step > self.total_steps or self.state.position >= len(self.loader):
+            raise DamagedCheckpointError(
+                f"{self.start_from}: step {self.state.step} of {self.total_steps}, batch {self.state.position} of an "
+                f"epoch of {len(self.loader)}: the checkpoint does not fit this run's data and length")
         if self.main:
             truncate_metrics(self.metrics_file, self.state.step)
         logger.info("resumed from %s (step %d)", self.start_from, self.state.step)
@@ -332,7 +343,15 @@ class Recipe:
         return batches
 
     def run(self) -> TrainingResult:
-        """Set up, train until ``total_steps`` (or a stop signal), then save the composition."""
+        """Set up, train until ``total_steps`` (or a stop signal), then save the composition; the output directory is
+        locked meanwhile (another run there is refused, naming this one)."""
+        self.check_inputs()  # before anything exists on disk: a refused run writes nothing
+        with output_lock(self.output, "training") if engine.is_main_launch() else nullcontext():
+            if self.on_locked is not None:
+                self.on_locked()
+            return self._run()
+
+    def _run(self) -> TrainingResult:
         from tqdm.auto import tqdm
 
         self.setup()
@@ -362,8 +381,11 @@ class Recipe:
         composition_dir = self.output / COMPOSITION_DIR
         if self.main:
             tmp = self.output / f".{COMPOSITION_DIR}.tmp-{os.getpid()}"
-            model.save_composition(tmp)
-            publish_directory(tmp, composition_dir)  # never weights of this run beside the JSON of an earlier one
+            try:
+                model.save_composition(tmp)
+                publish_directory(tmp, composition_dir)  # never weights of this run beside the JSON of an earlier one
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)  # gone once published; a failed save leaves nothing
             plot_losses(read_metrics(self.metrics_file), self.output / PLOT_NAME)
         self.accelerator.wait_for_everyone()
         return TrainingResult(step=state.step, train_loss=state.last_loss, eval_metrics=state.last_eval,
@@ -372,7 +394,8 @@ class Recipe:
 
 def train(model: Any, train_dataset: Dataset, eval_dataset: Optional[Dataset] = None,
           config: Optional[TrainingConfig] = None, output_dir: Union[str, Path, None] = None, resume: bool = False,
-          tokenizer: Any = None, preserve_dataset: Optional[Dataset] = None) -> TrainingResult:
+          tokenizer: Any = None, preserve_dataset: Optional[Dataset] = None,
+          on_locked: Optional[Callable[[], None]] = None) -> TrainingResult:
     """Train the composition of ``model`` (in place) on ``train_dataset``.
 
     Writes into ``output_dir``: ``metrics.jsonl`` (train and eval records), ``checkpoints/step-N/``
@@ -391,7 +414,10 @@ def train(model: Any, train_dataset: Dataset, eval_dataset: Optional[Dataset] = 
         tokenizer: the anchor's tokenizer: pad id, and decoding for exact match on eval data.
         preserve_dataset: ordinary texts (items with ``input_ids``) on which the composed model is trained to keep
             the anchor's own next-token distribution, with weight ``config.preserve_weight`` (beyond the paper).
+        on_locked: called once the inputs are checked and ``output_dir`` is locked, before anything is written there
+            (the CLI records its options then).
     Returns:
         a :class:`TrainingResult`.
     """
-    return Recipe(model, train_dataset, eval_dataset, config, output_dir, resume, tokenizer, preserve_dataset).run()
+    return Recipe(model, train_dataset, eval_dataset, config, output_dir, resume, tokenizer, preserve_dataset,
+                  on_locked).run()

@@ -3,29 +3,55 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from pathlib import Path
 from typing import Any, Union
 
-from ..io.atomic import atomic_write, atomic_write_text
+from ..io.atomic import DiskFullError, atomic_write, atomic_write_text, disk_full
+from ..io.safe_files import parse_json
+
+logger = logging.getLogger(__name__)
+
+MAX_LINE_BYTES = 1 << 16  # a metrics record is a few hundred bytes
 
 
 def append_metrics(path: Union[str, Path], record: dict[str, Any]) -> None:
-    """Append one JSON record as a line of ``path``."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    """Append one JSON record as a line of ``path`` (a full disk: :class:`~lmcompose.io.atomic.DiskFullError`; a
+    torn line it may leave is skipped when read)."""
+    line = json.dumps(record) + "\n"
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line)
+    except OSError as err:
+        if disk_full(err, Path(path).parent):
+            raise DiskFullError(path, shutil.disk_usage(Path(path).parent).free, len(line)) from err
+        raise
 
 
 def read_metrics(path: Union[str, Path]) -> list[dict[str, Any]]:
-    """The records of a metrics file ([] when there is none); a torn last line (killed run) is skipped."""
+    """The records of a metrics file ([] when there is none).
+
+    A line that is not a record lmcompose writes (a torn last line of a killed run, or one damaged or edited: not a
+    JSON object, nested too deeply, without an integer ``step``) is skipped, with one warning for them all.
+    """
     path = Path(path)
     if not path.is_file():
         return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+    records, skipped = [], 0
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                record = parse_json(raw.decode("utf-8"), str(path)) if len(raw) <= MAX_LINE_BYTES else None
+            except (ValueError, UnicodeDecodeError):
+                record = None
+            step = record.get("step") if isinstance(record, dict) else None
+            if isinstance(step, int) and not isinstance(step, bool) and step >= 0:
+                records.append(record)
+            else:
+                skipped += raw.strip() != b""
+    if skipped:
+        logger.warning("%s: %d line(s) that are not metrics records were skipped", path, skipped)
     return records
 
 

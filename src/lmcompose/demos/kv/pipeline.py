@@ -14,9 +14,12 @@ from torch import nn
 
 from ...core.config import CompositionConfig
 from ...model.composed import ComposedModel
+from ...train.base_training import train_loop
+from ..jobs import run_jobs
+from ..output import demo_output
 from .config import PRESETS, KVPipelineConfig
 from .task import Example, KVRepository, build_tokenizer, num_math_example
-from .training import batches, percent_correct, train_loop
+from .training import batches, percent_correct
 
 DATASETS = ("KV-SUBS", "NUM-MATH", "KV-MATH")
 
@@ -274,24 +277,6 @@ def train_row(name: str, config: KVPipelineConfig, bases_dir: str, progress: boo
     return {"row": row, "seconds": {f"train {name}": round(seconds, 1), f"eval {name}": round(time.time() - start, 1)}}
 
 
-def _quiet_worker() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # in a worker the jobs' own progress lines are what the user follows
-
-
-def run_jobs(fn: Callable, jobs: list[tuple], workers: int) -> list:
-    """``[fn(*job) for job in jobs]``, in ``workers`` processes when more than one (``fn`` must be importable)."""
-    if workers <= 1:
-        return [fn(*job) for job in jobs]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    # spawn, not fork: a forked child of a process that already ran torch ops can deadlock in OpenMP
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_quiet_worker) as pool:
-        return list(pool.map(fn, *zip(*jobs)))
-
-
 def workers_for(config: KVPipelineConfig) -> int:
     """Processes that train the D_C rows side by side: ``config.workers``, else cores // threads (one process
     when ``threads`` is 0, i.e. every core for one process)."""
@@ -367,9 +352,8 @@ def run_demo(output_dir: str, preset: str = "quick", progress: bool = True,
         if preset not in PRESETS:
             raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
         config = PRESETS[preset](seed)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    results = run_experiment(config, out / "bases", log=print if progress else None)
-    results["preset"] = preset
-    write_report(results, out)
+    with demo_output(Path(output_dir), "kv") as out:
+        results = run_experiment(config, out / "bases", log=print if progress else None)
+        results["preset"] = preset
+        write_report(results, out)
     return results

@@ -1,0 +1,74 @@
+"""The facts demo's scale: both augments, the compositions, the baselines and the evaluation, in one config.
+
+One line per field says what it is; why it has its value is in experiments/facts/LOG.md, cited by run number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from .task import FactsTaskConfig
+
+
+@dataclass
+class FactsPipelineConfig:
+    """Every scaling decision of the facts demo (the CPU preset)."""
+
+    task: FactsTaskConfig = field(default_factory=FactsTaskConfig)  # the people, their cities, the split
+    # same-tokenizer augment: SmolLM2's first blocks, its embeddings frozen, further trained on the facts
+    same_blocks: int = 4
+    same_trained_from: int = 0  # blocks below this stay as SmolLM2 has them
+    same_steps: int = 300
+    same_lr: float = 1e-3
+    same_rows: int = 24  # packed rows per step
+    same_length: int = 64  # tokens per row
+    # character-level augment: a Llama trained from scratch on the facts' characters
+    char_layers: int = 4
+    char_hidden: int = 192
+    char_heads: int = 6
+    char_steps: int = 1500
+    char_lr: float = 3e-3
+    char_rows: int = 16
+    char_length: int = 256  # characters per row
+    # the compositions: (augment_layer, anchor_layer) pairs, per augment kind
+    same_connections: list = field(default_factory=lambda: [[3, 18], [3, 22], [3, 26]])
+    char_connections: list = field(default_factory=lambda: [[3, 18], [3, 22], [3, 26]])
+    compose_heads: Optional[int] = None  # cross-attention heads; None: the anchor's 9
+    null_attention: bool = True  # a connection can add nothing (beyond the paper)
+    compose_steps: int = 150
+    compose_lr: float = 1e-3
+    compose_batch: int = 16
+    preserve_weight: float = 1.0  # KL from SmolLM2 on ordinary text, added to the loss (beyond the paper)
+    preserve_ratio: float = 0.25  # preservation texts per D_C example
+    preserve_length: int = 16  # tokens per preservation text (stdlib docstrings, never the evaluation's pydoc text)
+    # baselines on D_C: LoRA with CALM's parameter count, and every weight of SmolLM2
+    baseline_steps: int = 100
+    lora_lr: float = 1e-3
+    finetune_lr: float = 1e-5
+    # evaluation
+    eval_held_in: int = 50  # held-in people asked in every wording
+    eval_held_out: int = 300  # held-out people asked in every wording
+    ordinary_tokens: int = 20480  # tokens of pydoc_data.topics for the loss and KL columns
+    skill_items: Optional[int] = None  # few-shot sums scored (None: all 81 pairs of 1..9)
+    threads: int = 1  # torch threads per process
+    workers: int = 2  # processes training side by side
+    seed: int = 0  # seed of every model and data stream (the task has its own seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+    def fingerprint(self, *names: str) -> str:
+        """A short hash of the task, the seed and the named fields (the cache key of what they decide)."""
+        d = self.to_dict()
+        keep = {"task": d["task"], "seed": d["seed"], **{n: d[n] for n in names}}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+
+
+AUGMENT_FIELDS = {
+    "same": ("same_blocks", "same_trained_from", "same_steps", "same_lr", "same_rows", "same_length"),
+    "char": ("char_layers", "char_hidden", "char_heads", "char_steps", "char_lr", "char_rows", "char_length"),
+}

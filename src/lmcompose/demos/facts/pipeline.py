@@ -1,0 +1,96 @@
+"""The facts demo end to end: SmolLM2-135M composed with augments that know invented people, every row scored.
+
+An output directory holds ``demo.json`` (which demo it belongs to), ``anchor/`` (SmolLM2 saved from its GGUF once),
+``augments/<fingerprint>/`` (the two trained augments), ``rows/<fingerprint>/<row>/`` (each trained row, with
+``done.json`` when it finished) and the report (results.json, results.md, results.png). A second run, or one after an
+interruption, reuses every augment and row that finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..jobs import run_jobs
+from ..output import demo_output
+from .config import AUGMENT_FIELDS, FactsPipelineConfig
+from .rows import TRAINED_ROWS, row_folder_name, save_anchor, train_augment_job, train_row_job
+from .task import FactsTask
+
+DEMO = "facts"
+
+
+def prepare(config: FactsPipelineConfig, out: Path, log: Optional[Callable[[str], None]]) -> dict[str, Any]:
+    """The anchor, the augments and every trained row, each made unless a finished one is on disk.
+
+    Returns:
+        {"folders": {anchor, augments, rows}, "seconds": {...}, "cached": {...}, "rows": {row: its done.json}}.
+    """
+    anchor_dir = out / "anchor"
+    seconds: dict[str, float] = {}
+    started = time.time()
+    if not anchor_dir.is_dir():
+        save_anchor(anchor_dir)
+        seconds["anchor (from GGUF)"] = round(time.time() - started, 1)
+    augments_dir = out / "augments" / config.fingerprint(*AUGMENT_FIELDS["same"], *AUGMENT_FIELDS["char"])
+    missing = [kind for kind in ("same", "char") if not (augments_dir / kind / "config.json").is_file()]
+    if missing:
+        started = time.time()
+        augments_dir.mkdir(parents=True, exist_ok=True)
+        jobs = [(kind, config, str(anchor_dir), str(augments_dir), log is not None) for kind in missing]
+        for kind, taken in zip(missing, run_jobs(train_augment_job, jobs, min(len(jobs), config.workers))):
+            seconds[f"augment {kind}"] = round(taken, 1)
+        seconds["augments (wall)"] = round(time.time() - started, 1)
+    rows_dir = out / "rows" / config.fingerprint(*(k for k in config.to_dict() if not k.startswith("eval_")
+                                                   and k not in ("ordinary_tokens", "threads", "workers")))
+    todo = [row for row in TRAINED_ROWS if not (rows_dir / row_folder_name(row) / "done.json").is_file()]
+    if todo:
+        started = time.time()
+        jobs = [(row, config, str(anchor_dir), str(augments_dir), str(rows_dir / row_folder_name(row)), log is not None)
+                for row in todo]
+        run_jobs(train_row_job, jobs, min(len(jobs), config.workers))
+        seconds["rows (wall)"] = round(time.time() - started, 1)
+    rows = {row: json.loads((rows_dir / row_folder_name(row) / "done.json").read_text()) for row in TRAINED_ROWS}
+    return {"folders": {"anchor": anchor_dir, "augments": augments_dir, "rows": rows_dir}, "seconds": seconds,
+            "cached": {"augments": not missing, "rows": not todo}, "rows": rows}
+
+
+def run_demo(output_dir: str, progress: bool = True, config: Optional[FactsPipelineConfig] = None,
+             seed: int = 0) -> dict[str, Any]:
+    """Run the facts demo and write results.json, results.md and results.png into ``output_dir``.
+
+    Args:
+        output_dir: where the results and every cache go.
+        progress: print progress lines.
+        config: overrides the preset (and ``seed``).
+        seed: the seed of the people, their cities, the split, and every model and data stream.
+    Returns:
+        the results dict (also in results.json).
+    """
+    from .report import write_report
+    from .scoring import score_rows
+
+    if config is None:
+        from .task import FactsTaskConfig
+
+        config = FactsPipelineConfig(task=FactsTaskConfig(seed=seed), seed=seed)
+    with demo_output(Path(output_dir), DEMO) as out:
+        log = print if progress else None
+        started = time.time()
+        prepared = prepare(config, out, log)
+        if config.threads:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1)))  # scoring runs in this process alone
+        scoring_started = time.time()
+        rows = score_rows(config, FactsTask(config.task), prepared, log)
+        seconds = {**prepared["seconds"], "scoring": round(time.time() - scoring_started, 1),
+                   "total": round(time.time() - started, 1)}
+        task = FactsTask(config.task)
+        results = {"demo": DEMO, "config": config.to_dict(), "rows": rows, "seconds": seconds,
+                   "cached": prepared["cached"], "held_in_people": len(task.held_in), "held_out_people": len(task.held_out)}
+        write_report(results, out)
+    return results

@@ -1,0 +1,100 @@
+"""Scoring every row of the facts demo in one process: facts per wording, the anchor's skill, its ordinary text."""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from ...core.alignment import align_batch
+from ...model.composed import ComposedModel
+from .evaluation import arithmetic_items, fact_accuracy, ordinary_cost, ordinary_windows, skill_accuracy
+from .rows import BASELINE_ROWS, CALM_ROWS, load_anchor, load_augment, row_folder_name
+from .task import DC_WORDINGS, UNSEEN_WORDINGS, FactsTask
+
+WORDINGS = {**DC_WORDINGS, **UNSEEN_WORDINGS}
+
+
+def fact_columns(model: Any, tokenizer: Any, task: FactsTask, held_in: int, held_out: int) -> dict[str, float]:
+    """Exact match (percent) on held-in and held-out people in every wording."""
+    columns = {}
+    for group, people in (("held-in", task.held_in[:held_in]), ("held-out", task.held_out[:held_out])):
+        for name, wording in WORDINGS.items():
+            columns[f"{group} {name}"] = round(fact_accuracy(model, tokenizer, people, wording), 1)
+    return columns
+
+
+def composed_logits(model: ComposedModel) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """The logits function of a composed model over anchor ids; an augment with its own tokenizer is aligned."""
+    def logits(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if all(model.shares_tokenizer(a) for a in range(len(model.augments))):
+            return model(**batch).logits
+        aligned = align_batch(batch["input_ids"].tolist(), model.tokenizer, model.augment_tokenizers, "right")
+        extra = {k: aligned[k] for k in ("augment_input_ids", "augment_attention_mask", "augment_limits")}
+        return model(**batch, **extra).logits
+
+    return logits
+
+
+def trained_models(prepared: dict[str, Any], anchor: nn.Module, tokenizer: Any) -> dict[str, Any]:
+    """Every trained row as a model that generates: the three compositions, LoRA merged into a copy of the anchor,
+    the fine-tuned anchor."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    folders, models = prepared["folders"], {}
+    for row in CALM_ROWS:
+        kind = "char" if row == "CALM (characters)" else "same"
+        augment, augment_tokenizer = load_augment(kind, folders["augments"])
+        if row == "CALM (random augment)":
+            torch.manual_seed(prepared["config"].seed + 500)  # the very augment the row was trained with
+            augment = augment.__class__(augment.config).eval()
+        models[row] = ComposedModel.from_composition(folders["rows"] / row_folder_name(row) / "run" / "composition",
+                                                     anchor, augment, tokenizer=tokenizer,
+                                                     augment_tokenizer=augment_tokenizer)
+    lora = PeftModel.from_pretrained(copy.deepcopy(anchor), folders["rows"] / row_folder_name(BASELINE_ROWS[0]) / "model")
+    models[BASELINE_ROWS[0]] = lora.merge_and_unload().eval()
+    finetuned = folders["rows"] / row_folder_name(BASELINE_ROWS[1]) / "model"
+    models[BASELINE_ROWS[1]] = AutoModelForCausalLM.from_pretrained(finetuned).eval()
+    return models
+
+
+@torch.no_grad()
+def score_rows(config: Any, task: FactsTask, prepared: dict[str, Any],
+               log: Optional[Callable[[str], None]] = None) -> dict[str, dict[str, Any]]:
+    """Every row's columns: facts per wording (held-in, held-out), the skill, the loss and KL on ordinary text, and
+    for trained rows their parameter count and training seconds."""
+    prepared = {**prepared, "config": config}
+    anchor, tokenizer = load_anchor(prepared["folders"]["anchor"])
+    items = arithmetic_items(config.skill_items)
+    rows: dict[str, dict[str, Any]] = {}
+
+    def score(name: str, model: Any, model_tokenizer: Any, skill: bool = True) -> None:
+        started = time.time()
+        rows[name] = fact_columns(model, model_tokenizer, task, config.eval_held_in, config.eval_held_out)
+        if skill:
+            rows[name]["skill"] = round(skill_accuracy(model, model_tokenizer, items), 1)
+        rows[name].update(prepared["rows"].get(name, {}))
+        if log:
+            log(f"{name}: scored in {time.time() - started:.0f}s")
+
+    score("SmolLM2 alone", anchor, tokenizer)
+    for kind, name in (("same", "augment alone (same tokenizer)"), ("char", "augment alone (characters)")):
+        augment, augment_tokenizer = load_augment(kind, prepared["folders"]["augments"])
+        score(name, augment, augment_tokenizer or tokenizer, skill=False)
+    models = trained_models(prepared, anchor, tokenizer)
+    for name, model in models.items():
+        score(name, model, tokenizer)
+    started = time.time()
+    logits = {name: (composed_logits(m) if isinstance(m, ComposedModel) else (lambda b, m=m: m(**b).logits))
+              for name, m in models.items()}
+    costs = ordinary_cost(lambda b: anchor(**b).logits, logits, ordinary_windows(tokenizer, config.ordinary_tokens))
+    rows["SmolLM2 alone"].update(costs.pop("anchor"))
+    for name, cost in costs.items():
+        rows[name].update(cost)
+    if log:
+        log(f"ordinary text: {config.ordinary_tokens} tokens for {len(costs) + 1} models in {time.time() - started:.0f}s")
+    return rows

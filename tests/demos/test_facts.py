@@ -1,0 +1,108 @@
+"""The facts demo: the task's invariants, and a miniature run of the whole pipeline (a tiny anchor with SmolLM2's
+tokenizer), then the same run again from its caches."""
+
+import itertools
+import json
+
+import pytest
+
+from lmcompose.demos.facts.config import FactsPipelineConfig
+from lmcompose.demos.facts.task import CITIES, DC_WORDINGS, UNSEEN_WORDINGS, FactsTask, FactsTaskConfig, answer_of
+from lmcompose.demos.output import check_output
+
+
+def test_people_split_into_disjoint_balanced_groups_and_the_same_seed_gives_the_same_task():
+    task = FactsTask(FactsTaskConfig(num_people=200, held_in_fraction=0.3, seed=4))
+    names_in, names_out = {p.name for p in task.held_in}, {p.name for p in task.held_out}
+    assert not names_in & names_out and len(names_in | names_out) == 200 == len({p.name for p in task.people})
+    assert [sum(p.city == c for p in task.held_in) for c in CITIES] == [6] * 10  # 30% of each city's 20 people
+    again = FactsTask(FactsTaskConfig(num_people=200, held_in_fraction=0.3, seed=4))
+    assert again.people == task.people and again.held_in == task.held_in
+    assert FactsTask(FactsTaskConfig(num_people=200, seed=5)).people != task.people
+    assert list(itertools.islice(task.augment_texts(7, 300), 3)) == list(itertools.islice(again.augment_texts(7, 300), 3))
+
+
+def test_the_unseen_wordings_are_in_neither_the_composition_data_nor_the_augments_texts():
+    task = FactsTask(FactsTaskConfig(num_people=100))
+    rows = task.composition_rows()
+    assert len(rows) == len(task.held_in) * len(DC_WORDINGS)
+    held_in = {p.name for p in task.held_in}
+    assert all(any(name in r["prompt"] for name in held_in) for r in rows)  # D_C asks only about held-in people
+    texts = list(itertools.islice(task.augment_texts(0, 2000), 200))
+    for wording in UNSEEN_WORDINGS.values():
+        stem = wording.split("{name}")[0]  # "Q: Which city is ", "Question: In what city does "
+        assert not any(stem in r["prompt"] for r in rows) and not any(stem in t for t in texts)
+    assert not any("?" in t or "Q:" in t for t in texts)  # the augment never reads a question
+    assert all(r["completion"] in {" " + c for c in CITIES} for r in rows)
+
+
+def test_answers_are_read_from_the_first_line():
+    assert answer_of(" Paris.\nQ: next") == "Paris" and answer_of(" Rome") == "Rome" and answer_of("\nParis") == ""
+
+
+def test_an_output_directory_belongs_to_one_demo(tmp_path):
+    check_output(tmp_path / "a", "facts")
+    check_output(tmp_path / "a", "facts")  # the same demo again: fine
+    with pytest.raises(ValueError, match=r"holds the files of the facts demo .*give the kv demo another --output"):
+        check_output(tmp_path / "a", "kv")
+    (tmp_path / "old" / "bases").mkdir(parents=True)  # a key-value output written before the marker existed
+    with pytest.raises(ValueError, match="holds the files of the kv demo"):
+        check_output(tmp_path / "old", "facts")
+
+
+def tiny_config() -> FactsPipelineConfig:
+    return FactsPipelineConfig(
+        task=FactsTaskConfig(num_people=40, held_in_fraction=0.3), same_blocks=2, same_steps=3, same_rows=2,
+        same_length=16, char_layers=1, char_hidden=32, char_heads=2, char_steps=3, char_rows=2, char_length=32,
+        same_connections=[[1, 1], [1, 3]], char_connections=[[0, 2]], compose_steps=2, compose_batch=4,
+        baseline_steps=2, preserve_length=8, eval_held_in=3, eval_held_out=4, ordinary_tokens=256, skill_items=5,
+        workers=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_anchor_dir(tmp_path_factory):
+    """A tiny Llama with SmolLM2's tokenizer, saved where the pipeline looks for its anchor."""
+    from lmcompose.io.bases import load_tokenizer, smollm2_gguf
+    from lmcompose.testing import tiny_causal_lm
+
+    try:
+        smollm2_gguf()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    tokenizer = load_tokenizer("smollm2-135m")
+    anchor = tiny_causal_lm("llama", vocab_size=len(tokenizer), hidden_size=32, num_layers=4, num_heads=4, seed=1)
+    folder = tmp_path_factory.mktemp("facts") / "anchor"
+    anchor.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_the_pipeline_end_to_end_then_from_its_caches(tiny_anchor_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import lmcompose.demos.facts.pipeline as pipeline
+
+    out = tmp_path / "out"
+    shutil.copytree(tiny_anchor_dir, out / "anchor")
+    results = pipeline.run_demo(str(out), progress=False, config=tiny_config())
+    for name in ("results.json", "results.md", "results.png"):
+        assert (out / name).stat().st_size > 0
+    rows = results["rows"]
+    assert list(rows) == ["SmolLM2 alone", "augment alone (same tokenizer)", "augment alone (characters)",
+                          "CALM (same tokenizer)", "CALM (characters)", "CALM (random augment)", "LoRA on SmolLM2",
+                          "SmolLM2 fine-tuned on D_C"]
+    for row in rows.values():  # every score counts whole people out of those asked
+        assert all((row[f"held-out {w}"] * 4 / 100).is_integer() and (row[f"held-in {w}"] * 3 / 100).is_integer()
+                   for w in (*DC_WORDINGS, *UNSEEN_WORDINGS))
+    assert rows["SmolLM2 alone"]["kl"] == 0.0 and "loss" not in rows["augment alone (characters)"]
+    assert rows["CALM (same tokenizer)"]["trainable_params"] == rows["CALM (random augment)"]["trainable_params"]
+    assert results["cached"] == {"augments": False, "rows": False}
+    report = (out / "results.md").read_text()
+    assert "| CALM (characters) |" in report and "KL from SmolLM2" in report
+
+    calls = []
+    monkeypatch.setattr(pipeline, "run_jobs", lambda fn, jobs, workers: calls.append(fn) or [])
+    again = pipeline.run_demo(str(out), progress=False, config=tiny_config())
+    assert calls == [] and again["cached"] == {"augments": True, "rows": True}  # nothing trained the second time
+    assert again["rows"] == rows
+    assert json.loads((out / "results.json").read_text())["rows"] == rows
