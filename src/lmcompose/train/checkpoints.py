@@ -260,7 +260,8 @@ def verify_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
 
 
 def restore_composition(
-    model: Any, checkpoint: Path, config: TrainingConfig, data_sha: str, num_examples: int, num_processes: int = 1
+    model: Any, checkpoint: Path, config: TrainingConfig, data_sha: str, num_examples: int, num_processes: int = 1,
+    total_steps: Optional[int] = None, batches_per_epoch: Optional[int] = None,
 ) -> dict[str, Any]:
     """Load the composition of ``checkpoint`` into ``model`` after checking it belongs to this run.
 
@@ -268,6 +269,7 @@ def restore_composition(
         the checkpoint's other files, as :func:`load_checkpoint_files` reads them.
     Raises:
         ValueError: the checkpoint was written by another launch, config, data or set of connections.
+        DamagedCheckpointError: its step or data position lies past ``total_steps`` / ``batches_per_epoch``.
     """
     files = verify_checkpoint(checkpoint)
     state = files["state"]
@@ -287,6 +289,11 @@ def restore_composition(
             f"Cannot resume from {checkpoint}: the training data differ from the data it was trained on "
             f"({state['num_examples']} examples then, {num_examples} now)"
         )
+    if (total_steps is not None and state["step"] > total_steps) or (
+            batches_per_epoch is not None and state["position"] >= batches_per_epoch):
+        raise DamagedCheckpointError(
+            f"{checkpoint}: step {state['step']} of {total_steps}, batch {state['position']} of an epoch of "
+            f"{batches_per_epoch}: the checkpoint does not fit this run's data and length")
     saved = ComposedModel.from_composition(checkpoint, model.anchor, list(model.augments))
     differences = composition_differences(saved, model)
     if differences:

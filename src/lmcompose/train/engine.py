@@ -35,6 +35,17 @@ def make_accelerator(config: TrainingConfig) -> Any:
     )
 
 
+def make_optimizer(parameters: list, config: TrainingConfig, total_steps: int) -> tuple[Any, Any]:
+    """AdamW over ``parameters`` and the learning-rate schedule (warmup, then the config's decay) over the run."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                                  eps=config.adam_epsilon, weight_decay=config.weight_decay)
+    scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
+                              num_training_steps=total_steps)
+    return optimizer, scheduler
+
+
 def frozen_names(model: Any) -> list[str]:
     """The names of every parameter and buffer outside the connections: DDP neither broadcasts nor buckets them.
 

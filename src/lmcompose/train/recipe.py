@@ -29,7 +29,6 @@ from ..io.input_checks import check_example_lengths
 from ..io.locks import output_lock
 from . import engine
 from .checkpoints import (
-    DamagedCheckpointError,
     find_start,
     remove_incomplete,
     restore_composition,
@@ -159,36 +158,20 @@ class Recipe:
 
     def _setup_optimizer(self) -> None:
         """AdamW over the composition parameters and the learning-rate schedule over the run's steps."""
-        from transformers import get_scheduler
-
-        config = self.config
         self.parameters = self.model.composition_parameters()
-        optimizer = torch.optim.AdamW(
-            self.parameters,
-            lr=config.learning_rate,
-            betas=(config.adam_beta1, config.adam_beta2),
-            eps=config.adam_epsilon,
-            weight_decay=config.weight_decay,
-        )
-        self.steps_per_epoch = math.ceil(len(self.loader) / config.gradient_accumulation_steps)
-        self.total_steps = config.max_steps or self.steps_per_epoch * (config.epochs or 1)
-        scheduler = get_scheduler(
-            config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=self.total_steps
-        )
+        self.steps_per_epoch = math.ceil(len(self.loader) / self.config.gradient_accumulation_steps)
+        self.total_steps = self.config.max_steps or self.steps_per_epoch * (self.config.epochs or 1)
+        optimizer, scheduler = engine.make_optimizer(self.parameters, self.config, self.total_steps)
         self.optimizer, self.scheduler = self.accelerator.prepare(optimizer, scheduler)
 
     def _restore(self) -> None:
         """Continue from ``start_from``: composition, optimiser, scheduler, RNG states and the data position."""
         files = restore_composition(self.model, self.start_from, self.config, self.data_sha, len(self.train_dataset),
-                                    self.accelerator.num_processes)
+                                    self.accelerator.num_processes, self.total_steps, len(self.loader))
         self.optimizer.load_state_dict(files["optimizer"])
         self.scheduler.load_state_dict(files["scheduler"])
         restore_rng_state(files["rng"])
         self.state.step, self.state.epoch, self.state.position = (files["state"][k] for k in ("step", "epoch", "position"))
-        if self.state.step > self.total_steps or self.state.position >= len(self.loader):
-            raise DamagedCheckpointError(
-                f"{self.start_from}: step {self.state.step} of {self.total_steps}, batch {self.state.position} of an "
-                f"epoch of {len(self.loader)}: the checkpoint does not fit this run's data and length")
         if self.main:
             truncate_metrics(self.metrics_file, self.state.step)
         logger.info("resumed from %s (step %d)", self.start_from, self.state.step)
