@@ -146,7 +146,7 @@ def test_bad_arguments_are_refused():
     model = composed()
     with pytest.raises(ValueError, match="all padding"):
         model.generate(torch.tensor([[2, 2]]), attention_mask=torch.tensor([[0, 0]]))
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ValueError, match="temperature"):
         model.generate(torch.tensor([[5]]), do_sample=True, temperature=0.0)
     with pytest.raises(ValueError, match="stop_strings needs the anchor's tokenizer"):
         model.generate(torch.tensor([[5]]), stop_strings=["x"])

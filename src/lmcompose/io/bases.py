@@ -52,13 +52,15 @@ def load_base(
     """
     from pathlib import Path
 
-    if str(path).lower() == SMOLLM2_NAME:
-        path = smollm2_gguf()
+    source = str(path)
+    if source.lower() == SMOLLM2_NAME:
+        source, path = SMOLLM2_NAME, smollm2_gguf()
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"No model at {path}: the path does not exist")
     if path.is_file() and path.suffix == ".gguf":
         model, tokenizer = _load_gguf(path, dtype)
+        model.config._name_or_path = source  # what load_base reads again (the folder alone would not load)
         return model, (tokenizer if with_tokenizer else None)
     if not path.is_dir():
         raise ValueError(f"{path} is not a model directory (a directory written by save_pretrained) or a .gguf file")

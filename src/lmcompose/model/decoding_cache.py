@@ -1,10 +1,14 @@
-"""The composition cache of decoding: each connection's projected augment keys and values, grown as tokens come."""
+"""The decoding state of a composition: each connection's projected augment keys and values (CompositionCache) and
+the one cache object transformers' ``generate`` carries between steps (ComposedCache)."""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
+from transformers.cache_utils import Cache
+
+from ..core import introspect
 
 
 class CompositionCache:
@@ -39,6 +43,7 @@ class CompositionCache:
         """Add s positions: per connection (keys, values), each (b, h, s, d); valid (b, s)."""
         s = valid.shape[1]
         if not self._keys:
+            self.batch = valid.shape[0]
             self._keys = [k.new_empty(*k.shape[:2], self.capacity, k.shape[3]) for k, _ in key_values]
             self._values = [v.new_empty(*v.shape[:2], self.capacity, v.shape[3]) for _, v in key_values]
             self.key_valid = torch.zeros(self.batch, self.capacity, dtype=torch.bool, device=valid.device)
@@ -52,10 +57,155 @@ class CompositionCache:
         self.length = end
 
     def crop(self, length: int) -> None:
-        """Forget every position from ``length`` on (the augment re-tokenized its tail)."""
-        self.length = min(self.length, length)
+        """Forget every position from ``length`` on."""
+        self.length = max(0, min(self.length, length))
+
+    def select(self, indices: torch.Tensor) -> None:
+        """Keep (and reorder) the batch rows ``indices`` (b',): beam reordering, dropping finished rows."""
+        if not self._keys:
+            return
+        self._keys = [k.index_select(0, indices.to(k.device)) for k in self._keys]
+        self._values = [v.index_select(0, indices.to(v.device)) for v in self._values]
+        self.key_valid = self.key_valid.index_select(0, indices.to(self.key_valid.device))
+        self.batch = int(indices.shape[0])
+
+    def repeat_interleave(self, repeats: int) -> None:
+        """Repeat every batch row ``repeats`` times in place (several sequences per prompt)."""
+        if self._keys:
+            self.select(torch.arange(self.batch).repeat_interleave(repeats))
 
     def key_values(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Views of what is filled: per connection (keys, values), each (b, h, length, d)."""
         n = self.length
         return [(k[:, :, :n], v[:, :, :n]) for k, v in zip(self._keys, self._values)]
+
+
+class ComposedCache(Cache):
+    """Everything a composition keeps between decoding steps, as one transformers ``Cache``: the anchor's KV cache,
+    each augment's KV cache and each augment's :class:`CompositionCache`.
+
+    ``generate`` creates one per call and passes it to every forward as ``cache`` (``past_key_values``); a forward
+    given one advances all of its parts by the new tokens. Its length is the anchor's; cropping, beam reordering and
+    batch selection apply to every part, so every decoding strategy of ``generate`` keeps the parts in step.
+
+    Args:
+        anchor: the anchor's KV cache.
+        augments: per augment, its KV cache.
+        compositions: per augment, the projected keys and values of its connections.
+    """
+
+    def __init__(self, anchor: Any, augments: Sequence[Any], compositions: Sequence[CompositionCache]) -> None:
+        super().__init__(layers=[])  # the parts hold the layers
+        self.anchor = anchor
+        self.augments = list(augments)
+        self.compositions = list(compositions)
+
+    @classmethod
+    def for_model(cls, model: Any, capacity: int = 64) -> "ComposedCache":
+        """An empty cache for the composed ``model``, its composition buffers sized for ``capacity`` positions."""
+        return cls(introspect.new_cache(model.anchor), [introspect.new_cache(m) for m in model.augments],
+                   [CompositionCache(1, capacity) for _ in model.augments])
+
+    def _parts(self) -> list[Any]:
+        return [self.anchor, *self.augments]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Positions the anchor has seen."""
+        return self.anchor.get_seq_length()
+
+    def get_max_length(self, layer_idx: Optional[int] = None) -> int:
+        """-1: the cache grows without bound."""
+        return -1
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        """The anchor's mask sizes (its attention reads the anchor cache)."""
+        return self.anchor.get_mask_sizes(query_length, layer_idx)
+
+    def in_step(self) -> bool:
+        """Whether every augment has seen as many positions as the anchor (it does unless composition was disabled
+        while this cache was filled)."""
+        length = self.get_seq_length()
+        return all(c.length == length for c in self.compositions) and all(
+            a.get_seq_length() == length for a in self.augments)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last ``-tokens_to_remove`` positions (a positive value: keep that many, as older transformers
+        versions call it)."""
+        current = self.get_seq_length()
+        keep = tokens_to_remove if tokens_to_remove > 0 else current + tokens_to_remove
+        for part in self._parts():
+            introspect.crop_cache(part, keep)
+        for composition in self.compositions:
+            composition.crop(keep)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder the batch for beam search: row i becomes the old row ``beam_idx[i]``."""
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep (and reorder) the batch rows ``indices``."""
+        for part in self._parts():
+            if part.get_seq_length() > 0:
+                part.batch_select_indices(indices)
+        for composition in self.compositions:
+            composition.select(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat every batch row ``repeats`` times."""
+        for part in self._parts():
+            part.batch_repeat_interleave(repeats)
+        for composition in self.compositions:
+            composition.repeat_interleave(repeats)
+
+    def reset(self) -> None:
+        """Empty every part."""
+        for part in self._parts():
+            part.reset()
+        for composition in self.compositions:
+            composition.crop(0)
+
+    def activate_past_recording(self) -> None:
+        """Let every part roll back (assisted decoding)."""
+        for part in self._parts():
+            part.activate_past_recording()
+
+    @property
+    def batch_size(self) -> int:
+        """The anchor cache's batch size (-1 before the first forward)."""
+        return self.anchor.batch_size if self.get_seq_length() > 0 else -1
+
+    @property
+    def is_compileable(self) -> bool:
+        """False: the composition buffers grow."""
+        return False
+
+    @property
+    def is_initialized(self) -> bool:
+        """Whether the anchor cache has been filled."""
+        return self.get_seq_length() > 0
+
+    @property
+    def is_croppable(self) -> bool:
+        """Whether every part can be cropped back exactly."""
+        return all(part.is_croppable for part in self._parts())
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        """The anchor's layers."""
+        return self.anchor.is_sliding
+
+    @property
+    def is_linear(self) -> list[bool]:
+        """The anchor's layers."""
+        return self.anchor.is_linear
+
+    @property
+    def is_dummy(self) -> list[bool]:
+        """The anchor's layers."""
+        return self.anchor.is_dummy
+
+    def __len__(self) -> int:
+        return len(self.anchor)
+
+    def __repr__(self) -> str:
+        return f"ComposedCache(length={self.get_seq_length()}, augments={len(self.augments)})"

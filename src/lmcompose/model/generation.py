@@ -1,31 +1,120 @@
-"""Incremental decoding over both models' caches: greedy, sampling, batching, streaming.
+"""What ``ComposedModel.generate`` adds to transformers' ``generate``: argument checks, seeding, and decoding when an
+augment has its own tokenizer (a loop of its own: the augment re-tokenizes the decoded text as it grows).
 
-Each step runs every augment on the new token with its own KV cache, appends the projected keys and
-values of every connection to a :class:`CompositionCache`, then runs the anchor step with its own KV
-cache while its cross-attention reads the composition cache. Nothing is recomputed over the sequence.
+With shared tokenizers, transformers' ``generate`` does all the decoding; each forward advances one
+:class:`~lmcompose.model.decoding_cache.ComposedCache` (anchor cache, augment caches, composition caches).
 """
 
 from __future__ import annotations
 
+import copy
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
-from torch import nn
 
 from ..core import introspect
 from ..core.masking import cross_mask, positions_from_mask
 from ..core.padding import pad_rows
 from .decoding_cache import CompositionCache
 
+AUGMENT_INPUTS = ("augment_input_ids", "augment_attention_mask", "augment_limits")  # what model.tokenize() adds
 
-def _logits_processors(
-    do_sample: bool,
-    temperature: float,
-    top_k: Optional[int],
-    top_p: Optional[float],
-    repetition_penalty: Optional[float],
-) -> Any:
+
+def checked_generate_arguments(model: Any, inputs: Optional[torch.Tensor], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of transformers' ``generate`` for a composition, checked where they enter.
+
+    Refuses ``inputs_embeds`` (the augments read token ids) and prompts that are all padding; gives
+    ``stop_strings`` the anchor's tokenizer; drops the augment inputs :meth:`ComposedModel.tokenize` returns
+    (decoding re-tokenizes the text as it grows).
+    """
+    kwargs = {k: v for k, v in kwargs.items() if k not in AUGMENT_INPUTS}
+    if kwargs.get("inputs_embeds") is not None:
+        raise ValueError("inputs_embeds cannot drive a composition: the augments read token ids; pass input_ids")
+    if inputs is not None:
+        if kwargs.get("input_ids") is not None:
+            raise ValueError("Pass the prompt ids once: as the first argument or as input_ids=")
+        kwargs["input_ids"] = inputs
+    ids = kwargs.get("input_ids")
+    if ids is None:
+        raise ValueError("generate() needs the prompt ids: generate(input_ids, attention_mask=...)")
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 2:
+        raise ValueError(f"input_ids must be a (batch, length) tensor, got {getattr(ids, 'shape', type(ids))}")
+    mask = kwargs.get("attention_mask")
+    if mask is not None and bool((mask.sum(-1) == 0).any()):
+        raise ValueError("A prompt in the batch is all padding; give every prompt at least one token")
+    if kwargs.get("stop_strings") and kwargs.get("tokenizer") is None:
+        if model.tokenizer is None:
+            raise ValueError("stop_strings needs the anchor's tokenizer: pass tokenizer=")
+        kwargs["tokenizer"] = model.tokenizer
+    return kwargs
+
+
+@contextmanager
+def seeded(seed: Optional[int], device: torch.device) -> Iterator[None]:
+    """Inside, torch's generators start from ``seed`` (and are restored after); nothing changes for None."""
+    if seed is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+OWN_TOKENIZER_OPTIONS = {"input_ids", "attention_mask", "max_new_tokens", "max_length", "do_sample", "temperature",
+                         "top_k", "top_p", "repetition_penalty", "eos_token_id", "pad_token_id", "stop_strings",
+                         "tokenizer", "streamer", "use_cache", "generation_config"}
+
+
+@torch.no_grad()
+def generate_with_own_tokenizer(model: Any, generation_config: Any = None, **kwargs: Any) -> torch.Tensor:
+    """Greedy or sampled decoding when an augment has its own tokenizer, one incremental step per new token.
+
+    Takes the options of transformers' ``generate`` that apply to one sequence per prompt (``max_new_tokens``,
+    ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``eos_token_id``,
+    ``pad_token_id``, ``stop_strings``, ``streamer``), defaults from ``generation_config`` or the model's.
+
+    Returns:
+        (b, t + n) ids: the prompts followed by up to ``max_new_tokens`` new tokens, padded with
+        ``pad_token_id`` after a sequence ended.
+    """
+    unsupported = sorted(set(kwargs) - OWN_TOKENIZER_OPTIONS)
+    if unsupported:
+        raise ValueError(f"generate() option(s) {', '.join(unsupported)} not supported when an augment has its own "
+                         "tokenizer (it decodes one sequence per prompt, greedy or sampled)")
+    input_ids = kwargs.pop("input_ids")
+    attention_mask = kwargs.pop("attention_mask", None)
+    streamer, tokenizer = kwargs.pop("streamer", None), kwargs.pop("tokenizer", None)
+    config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
+    config.update(**{k: v for k, v in kwargs.items() if k != "use_cache"})
+    t = input_ids.shape[1]
+    max_new_tokens = config.max_new_tokens if config.max_new_tokens is not None else max(0, config.max_length - t)
+    device = introspect.model_device(model.anchor)
+    input_ids = input_ids.to(device)
+    attention_mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).to(device).long()
+    eos = _eos_ids(config.eos_token_id)
+    pad_token_id = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else 0)
+    sampling = dict(do_sample=bool(config.do_sample), temperature=config.temperature, top_k=config.top_k,
+                    top_p=config.top_p, repetition_penalty=config.repetition_penalty)
+    if input_ids.shape[0] > 1:
+        if streamer is not None:
+            raise ValueError("A streamer takes one prompt at a time; pass a batch of one")
+        return _one_prompt_at_a_time(model, input_ids, attention_mask, max_new_tokens, sampling, eos, pad_token_id,
+                                     config.stop_strings, tokenizer)
+    decoding = _Decoding(processors=_logits_processors(**sampling),
+                         criteria=_stopping(model, config.stop_strings, tokenizer),
+                         do_sample=sampling["do_sample"], eos=eos, pad_token_id=pad_token_id)
+    input_ids = input_ids[:, attention_mask[0].bool()]
+    attention_mask = torch.ones_like(input_ids)
+    return _decode(_RetokenizingStepper(model, input_ids.shape[1] + max_new_tokens), input_ids, attention_mask,
+                   max_new_tokens, decoding, streamer)
+
+
+def _logits_processors(do_sample: bool, temperature: float, top_k: Optional[int], top_p: Optional[float],
+                       repetition_penalty: Optional[float]) -> Any:
+    """transformers' logits processors for these options (warpers only when sampling)."""
     from transformers import (
         LogitsProcessorList,
         RepetitionPenaltyLogitsProcessor,
@@ -38,7 +127,7 @@ def _logits_processors(
     if repetition_penalty is not None and repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
     if do_sample:
-        if temperature <= 0:
+        if temperature is None or temperature <= 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
         if temperature != 1.0:
             processors.append(TemperatureLogitsWarper(temperature))
@@ -49,95 +138,10 @@ def _logits_processors(
     return processors
 
 
-def _eos_ids(model: nn.Module, eos_token_id: Union[None, int, Sequence[int]]) -> list[int]:
-    if eos_token_id is None:
-        generation_config = getattr(model, "generation_config", None)
-        eos_token_id = getattr(generation_config, "eos_token_id", None)
-        if eos_token_id is None:
-            eos_token_id = getattr(model.config, "eos_token_id", None)
+def _eos_ids(eos_token_id: Union[None, int, Sequence[int]]) -> list[int]:
     if eos_token_id is None:
         return []
     return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
-
-
-@torch.no_grad()
-def generate(
-    model: Any,
-    input_ids: torch.Tensor,
-    attention_mask: Optional[torch.Tensor] = None,
-    *,
-    max_new_tokens: int = 32,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    repetition_penalty: Optional[float] = None,
-    eos_token_id: Union[None, int, Sequence[int]] = None,
-    pad_token_id: Optional[int] = None,
-    stop_strings: Union[None, str, Sequence[str]] = None,
-    tokenizer: Any = None,
-    streamer: Any = None,
-    seed: Optional[int] = None,
-    augment_input_ids: Any = None,
-    augment_attention_mask: Any = None,
-    augment_limits: Any = None,
-) -> torch.Tensor:
-    """Generate with a :class:`~lmcompose.ComposedModel`, one incremental step per new token.
-
-    Args:
-        model: the composed model (inside ``disable_composition()`` this decodes the anchor alone).
-        input_ids: (b, t) prompt ids; left-pad prompts of different lengths.
-        attention_mask: (b, t), 0 on padding; None when nothing is padded.
-        max_new_tokens: the most tokens added to each sequence.
-        do_sample: sample instead of greedy argmax.
-        temperature, top_k, top_p: sampling warpers (transformers' logits processors).
-        repetition_penalty: >1 discourages tokens already in the sequence.
-        eos_token_id: id(s) that end a sequence; default: the anchor's generation config.
-        pad_token_id: filler after a sequence ended; default: the anchor's, else the first EOS id.
-        stop_strings: text that ends a sequence (needs ``tokenizer``).
-        tokenizer: the anchor's tokenizer (for ``stop_strings``); default ``model.tokenizer``.
-        streamer: a transformers streamer (``put``/``end``), e.g. ``TextStreamer`` (batch 1).
-        seed: seed of the sampling generator, for reproducible samples.
-        augment_input_ids, augment_attention_mask, augment_limits: accepted so that
-            ``generate(**model.tokenize(prompts, padding_side="left"))`` works; an augment with its own
-            tokenizer re-tokenizes the decoded text at every step, so these are recomputed.
-    Returns:
-        (b, t + n) ids: the prompts followed by up to ``max_new_tokens`` new tokens, padded with
-        ``pad_token_id`` after a sequence ended.
-    """
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    anchor = model.anchor
-    device = introspect.model_device(anchor)
-    input_ids = input_ids.to(device)
-    attention_mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).to(device).long()
-    if (attention_mask.sum(-1) == 0).any():
-        raise ValueError("A prompt in the batch is all padding; give every prompt at least one token")
-    eos = _eos_ids(anchor, eos_token_id)
-    if pad_token_id is None:
-        pad_token_id = getattr(anchor.config, "pad_token_id", None)
-        pad_token_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-    sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                    repetition_penalty=repetition_penalty)
-    composed = model.composition_enabled
-    own_tokenizer = composed and any(not model.shares_tokenizer(a) for a in range(len(model.augments)))
-    if own_tokenizer and input_ids.shape[0] > 1:
-        if streamer is not None:
-            raise ValueError("A streamer takes one prompt at a time; pass a batch of one")
-        return _one_prompt_at_a_time(model, input_ids, attention_mask, max_new_tokens, sampling, eos, pad_token_id,
-                                     stop_strings, tokenizer, seed)
-    generator = torch.Generator(device=device).manual_seed(seed) if do_sample and seed is not None else None
-    decoding = _Decoding(processors=_logits_processors(**sampling), criteria=_stopping(model, stop_strings, tokenizer),
-                         do_sample=do_sample, generator=generator, eos=eos, pad_token_id=pad_token_id)
-    if own_tokenizer:
-        input_ids = input_ids[:, attention_mask[0].bool()]
-        attention_mask = torch.ones_like(input_ids)
-        step: Any = _RetokenizingStepper(model, input_ids.shape[1] + max_new_tokens)
-    else:
-        step = _Stepper(model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, composed)
-    return _decode(step, input_ids, attention_mask, max_new_tokens, decoding, streamer)
 
 
 @dataclass
@@ -147,7 +151,6 @@ class _Decoding:
     processors: Any  # a transformers LogitsProcessorList
     criteria: Any  # a transformers StoppingCriteriaList
     do_sample: bool
-    generator: Optional[torch.Generator]
     eos: list[int]
     pad_token_id: int
 
@@ -186,7 +189,7 @@ def _decode(step: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, ma
         scores = decoding.processors(sequences, logits.float())
         if decoding.do_sample:
             probs = torch.softmax(scores, dim=-1)
-            next_tokens = torch.multinomial(probs, 1, generator=decoding.generator).squeeze(1)  # (b,)
+            next_tokens = torch.multinomial(probs, 1).squeeze(1)  # (b,)
         else:
             next_tokens = scores.argmax(dim=-1)  # (b,)
         next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, decoding.pad_token_id))
@@ -209,73 +212,17 @@ def _decode(step: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, ma
 
 def _one_prompt_at_a_time(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                           sampling: dict[str, Any], eos: list[int], pad_token_id: int, stop_strings: Any,
-                          tokenizer: Any, seed: Optional[int]) -> torch.Tensor:
+                          tokenizer: Any) -> torch.Tensor:
     """A batch decoded prompt by prompt (an augment with its own tokenizer re-tokenizes each text on its own)."""
     rows = []
     for row in range(input_ids.shape[0]):
         keep = attention_mask[row].bool()
-        rows.append(generate(
-            model, input_ids[row : row + 1, keep], max_new_tokens=max_new_tokens, **sampling, eos_token_id=eos,
-            pad_token_id=pad_token_id, stop_strings=stop_strings, tokenizer=tokenizer,
-            seed=None if seed is None else seed + row,
+        rows.append(generate_with_own_tokenizer(
+            model, input_ids=input_ids[row : row + 1, keep], max_new_tokens=max_new_tokens, **sampling,
+            eos_token_id=eos or None, pad_token_id=pad_token_id, stop_strings=stop_strings, tokenizer=tokenizer,
         )[0, int(keep.sum()):])
     new, _ = pad_rows(rows, pad_token_id)  # (b, n): each row's new tokens, padded after its end
     return torch.cat([input_ids, new.to(input_ids)], dim=1)
-
-
-class _Stepper:
-    """Advances the augments, the composition cache and the anchor by the given new tokens.
-
-    Holds the three kinds of cache for one call of :func:`generate`; nothing outlives that call.
-    """
-
-    def __init__(self, model: Any, batch: int, capacity: int, composed: bool) -> None:
-        self.model = model
-        self.composed = composed
-        self.padded: Optional[bool] = None
-        self.anchor_cache = introspect.new_cache(model.anchor)
-        self.anchor_cache_arg = introspect.cache_argument(model.anchor)
-        self.logits_to_keep = introspect.accepts(model.anchor, "logits_to_keep")
-        self.anchor_positions = introspect.accepts(model.anchor, "position_ids")
-        if composed:
-            self.augment_caches = [introspect.new_cache(m) for m in model.augments]
-            self.compositions = [CompositionCache(batch, capacity) for _ in model.augments]
-
-    def __call__(
-        self, sequences: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor, n: int
-    ) -> torch.Tensor:
-        """Run the last n tokens of sequences (b, past + n) at positions (b, n). Returns last logits (b, V)."""
-        model = self.model
-        new_ids = sequences[:, -n:]
-        if self.padded is None:
-            self.padded = bool((attention_mask == 0).any())
-        kwargs: dict[str, Any] = {
-            "attention_mask": attention_mask,
-            self.anchor_cache_arg: self.anchor_cache,
-            "use_cache": True,
-        }
-        if self.anchor_positions:
-            kwargs["position_ids"] = positions
-        if self.logits_to_keep:
-            kwargs["logits_to_keep"] = 1
-        if not self.composed:
-            return model.anchor(input_ids=new_ids, **kwargs).logits[:, -1]
-        b = new_ids.shape[0]
-        for a, composition in enumerate(self.compositions):
-            states = model.augment_hidden(a, new_ids, attention_mask, positions, cache=self.augment_caches[a])
-            composition.append(model.project(a, states, positions), attention_mask[:, -n:])
-        total = self.compositions[0].length
-        if self.padded:
-            # query i (at index total - n + i) reads keys up to its own index that are not padding
-            limit = torch.arange(total - n + 1, total + 1, device=new_ids.device)[None].expand(b, n)
-            mask = cross_mask(limit, self.compositions[0].key_valid[:, :total], total)
-        elif n == total:
-            mask = None  # prefill without padding: plain causal
-        else:
-            mask = torch.ones(b, 1, n, total, dtype=torch.bool, device=new_ids.device).tril(total - n)
-        masks = [mask] * len(model.augments)
-        with model.attach([c.key_values() for c in self.compositions], masks, positions):
-            return model.anchor(input_ids=new_ids, **kwargs).logits[:, -1]
 
 
 class _RetokenizingStepper:

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..core.config import EMBEDDINGS
@@ -97,3 +98,32 @@ def residual_updates(blocks: Sequence[nn.Module], updates: dict[int, Update]) ->
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def checkpointed_blocks(blocks: Sequence[nn.Module], checkpoint_kwargs: dict[str, Any]) -> Iterator[None]:
+    """While active, each block's forward runs under ``torch.utils.checkpoint``: its activations are recomputed in
+    the backward pass instead of kept. Forward hooks (the residual updates) stay outside the recomputation.
+
+    Args:
+        blocks: the decoder blocks.
+        checkpoint_kwargs: passed to ``torch.utils.checkpoint.checkpoint`` (e.g. ``use_reentrant=False``).
+    """
+    saved = [block.__dict__.get("forward") for block in blocks]  # a forward set on the instance (e.g. by accelerate)
+
+    def checkpointed(forward: Callable) -> Callable:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            return torch.utils.checkpoint.checkpoint(forward, *args, **checkpoint_kwargs, **kwargs)
+
+        return run
+
+    for block in blocks:
+        block.forward = checkpointed(block.forward)
+    try:
+        yield
+    finally:
+        for block, forward in zip(blocks, saved):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward

@@ -211,7 +211,7 @@ def plain_generate(model: nn.Module, tokenizer: Any) -> Callable:
 def composed_generate(model: ComposedModel, tokenizer: Any) -> Callable:
     """:func:`plain_generate` for a composed model."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    return lambda ids, mask, n: model.generate(ids, mask, max_new_tokens=n, eos_token_id=eos, pad_token_id=pad)
+    return lambda ids, mask, n: model.generate(ids, attention_mask=mask, max_new_tokens=n, eos_token_id=eos, pad_token_id=pad)
 
 
 def score_all(generate: Callable, evals: dict[str, list[Example]], tokenizer: Any) -> dict[str, float]:
