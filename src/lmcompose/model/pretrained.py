@@ -9,7 +9,6 @@ and context length) and ``generation_config.json`` (the anchor's generation defa
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
