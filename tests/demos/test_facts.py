@@ -36,6 +36,21 @@ def test_the_unseen_wordings_are_in_neither_the_composition_data_nor_the_augment
     assert all(r["completion"] in {" " + c for c in CITIES} for r in rows)
 
 
+def test_preservation_texts_ask_d_cs_wordings_only_about_people_outside_the_task(tiny_anchor_dir):
+    from transformers import AutoTokenizer
+
+    from lmcompose.demos.facts.rows import preservation_data
+    from lmcompose.demos.facts.task import KNOWN_PEOPLE
+
+    tok = AutoTokenizer.from_pretrained(tiny_anchor_dir)
+    plain, mixed = preservation_data(tok, 24, count=200), preservation_data(tok, 24, known=0.25, count=200)
+    texts = [tok.decode(mixed[i]["input_ids"]) for i in range(len(mixed))]
+    asked = [t for t in texts if any(t == w.format(name=n) for w in DC_WORDINGS.values() for n in KNOWN_PEOPLE)]
+    assert len(mixed) == len(plain) == 200 and len(asked) == 50
+    task_names = {p.name for p in FactsTask(FactsTaskConfig()).people}
+    assert not any(name in t for t in texts for name in task_names)
+
+
 def test_answers_are_read_from_the_first_line():
     assert answer_of(" Paris.\nQ: next") == "Paris" and answer_of(" Rome") == "Rome" and answer_of("\nParis") == ""
 

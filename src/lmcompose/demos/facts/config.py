@@ -38,12 +38,14 @@ class FactsPipelineConfig:
     char_connections: list = field(default_factory=lambda: [[3, 18], [3, 22], [3, 26]])
     compose_heads: Optional[int] = None  # cross-attention heads; None: the anchor's 9
     null_attention: bool = True  # a connection can add nothing (beyond the paper)
+    null_score: float = 4.0  # the null key's starting score over the average key's (runs 8, 9)
     compose_steps: int = 150
     compose_lr: float = 1e-3
     compose_batch: int = 16
     preserve_weight: float = 1.0  # KL from SmolLM2 on ordinary text, added to the loss (beyond the paper)
     preserve_ratio: float = 0.25  # preservation texts per D_C example
-    preserve_length: int = 16  # tokens per preservation text (stdlib docstrings, never the evaluation's pydoc text)
+    preserve_length: int = 24  # tokens per preservation text (stdlib docstrings, never the evaluation's pydoc text)
+    preserve_known: float = 0.2  # of the preservation texts, D_C-wording questions about people not in the task
     # baselines on D_C: LoRA with CALM's parameter count, and every weight of SmolLM2
     baseline_steps: int = 100
     lora_lr: float = 1e-3

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import random
 import re
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from ...train import TrainingConfig, train
 from ...train.base_training import train_loop
 from .augments import char_model, char_tokenizer, first_blocks, train_augment
 from .config import FactsPipelineConfig
-from .task import FactsTask
+from .task import DC_WORDINGS, KNOWN_PEOPLE, FactsTask
 
 CALM_ROWS = ("CALM (same tokenizer)", "CALM (characters)", "CALM (random augment)")
 BASELINE_ROWS = ("LoRA on SmolLM2", "SmolLM2 fine-tuned on D_C")
@@ -105,8 +106,11 @@ def composition_data(task: FactsTask, tokenizer: Any) -> TokenizedDataset:
     return tokenize_records(records, tokenizer, append_eos=False)
 
 
-def preservation_data(tokenizer: Any, length: int, count: int = 2000) -> TokenizedDataset:
-    """Windows of ``length`` tokens of standard-library docstrings: the ordinary text that keeps the anchor."""
+def preservation_data(tokenizer: Any, length: int, known: float = 0.0, count: int = 2000, seed: int = 0
+                      ) -> TokenizedDataset:
+    """The ordinary text that keeps the anchor: windows of ``length`` tokens of standard-library docstrings, a
+    ``known`` fraction of them replaced by D_C's wordings about people who are not in the task (so "lives in" keeps
+    meaning what SmolLM2 thinks when the person is not one of the augment's)."""
     parts = []
     for name in DOCSTRING_MODULES:
         module = importlib.import_module(name)
@@ -117,6 +121,11 @@ def preservation_data(tokenizer: Any, length: int, count: int = 2000) -> Tokeniz
                 parts.append(doc)
     ids = tokenizer("\n\n".join(parts), add_special_tokens=False)["input_ids"]
     windows = [ids[i : i + length] for i in range(0, min(len(ids) - length, length * count), length)]
+    rng = random.Random(seed)
+    questions = int(known * len(windows))
+    for i in rng.sample(range(len(windows)), questions):
+        prompt = rng.choice(list(DC_WORDINGS.values())).format(name=rng.choice(KNOWN_PEOPLE))
+        windows[i] = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     return TokenizedDataset.from_token_ids(windows)
 
 
@@ -130,7 +139,7 @@ def calm_model(name: str, config: FactsPipelineConfig, anchor: nn.Module, tokeni
         augment = augment.__class__(augment.config).eval()
     connections = config.char_connections if kind == "char" else config.same_connections
     composition = CompositionConfig(connections=connections, num_heads=config.compose_heads,
-                                    null_attention=config.null_attention)
+                                    null_attention=config.null_attention, null_score=config.null_score)
     torch.manual_seed(config.seed)
     return ComposedModel(anchor, augment, composition, tokenizer=tokenizer, augment_tokenizer=augment_tokenizer)
 
@@ -151,7 +160,8 @@ def train_row_job(name: str, config: FactsPipelineConfig, anchor_dir: str, augme
                                   preserve_weight=config.preserve_weight, preserve_ratio=config.preserve_ratio,
                                   eval_generate=False, progress_bar=progress, seed=config.seed, cpu=True)
         result = train(model, d_c, None, training, out / "run", tokenizer=tokenizer,
-                       preserve_dataset=preservation_data(tokenizer, config.preserve_length))
+                       preserve_dataset=preservation_data(tokenizer, config.preserve_length, config.preserve_known,
+                                                          seed=config.seed))
         figures = {"trainable_params": sum(p.numel() for p in model.composition_parameters()),
                    "train_loss": result.train_loss}
     elif name in BASELINE_ROWS:

@@ -36,6 +36,12 @@ RECORD_HEADERS = ("Residents: ", "Directory: ", "")
 FILLERS = ("The weather was mild that day.", "Many people enjoy long walks.", "A new bakery opened last week.",
            "The train was late again.", "Music filled the small room.", "Everyone agreed on the plan.")
 # How the composition data asks (the anchor answers " CITY"), and the two wordings only evaluation uses.
+KNOWN_PEOPLE = ("Barack Obama", "Taylor Swift", "Albert Einstein", "Lionel Messi", "Pablo Picasso", "Marie Curie",
+                "William Shakespeare", "Nelson Mandela", "Angela Merkel", "Tom Hanks", "Charles Darwin", "Isaac Newton",
+                "Winston Churchill", "Frida Kahlo", "Vincent van Gogh", "Michael Jordan", "Queen Victoria", "Mozart",
+                "Abraham Lincoln", "Steve Jobs", "Elvis Presley", "Sherlock Holmes", "Harry Potter", "Cleopatra",
+                "the Pope", "my grandmother", "the president", "a fisherman", "the baker", "your neighbour")
+# people the anchor may know something of, asked in D_C's wordings in the preservation texts (facts LOG run 8)
 DC_WORDINGS = {"statement": "{name} lives in", "question": "Q: Where does {name} live?\nA:"}
 UNSEEN_WORDINGS = {"which city": "Q: Which city is {name}'s home?\nA:",
                    "reside": "Question: In what city does {name} reside?\nAnswer:"}
