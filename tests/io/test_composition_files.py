@@ -84,7 +84,8 @@ def test_missing_truncated_and_malformed_files_are_refused(saved, tmp_path):
     (path / CONFIG_NAME).write_text('{"config": ')
     with pytest.raises(ValueError, match="not valid JSON"):
         ComposedModel.from_composition(path, anchor, augment)
-    os.remove(path / WEIGHTS_NAME)
+    (path / CONFIG_NAME).write_text(json.dumps(meta))
+    os.remove(path / WEIGHTS_NAME)  # the JSON names the weights file it needs
     with pytest.raises(FileNotFoundError, match="weights are missing"):
         ComposedModel.from_composition(path, anchor, augment)
 
@@ -143,3 +144,13 @@ def test_bfloat16_composition_round_trip(tmp_path):
     loaded = ComposedModel.from_composition(tmp_path / "bf16", anchor, augment)
     for a, b in zip(model.composition_parameters(), loaded.composition_parameters()):
         assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b)
+
+
+def test_a_weights_file_outside_the_known_names_is_refused(saved):
+    _, path = saved
+    meta = json.loads((path / CONFIG_NAME).read_text())
+    meta["weights_file"] = "../../elsewhere.safetensors"
+    (path / CONFIG_NAME).write_text(json.dumps(meta))
+    anchor, augment = bases()
+    with pytest.raises(ValueError, match="'weights_file' must be one of composition.safetensors, model.safetensors"):
+        ComposedModel.from_composition(path, anchor, augment)

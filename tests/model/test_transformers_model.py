@@ -134,7 +134,12 @@ def test_pipeline_text_generation_runs_the_composition():
 
 def test_the_transformers_model_surface():
     model = composed()
-    assert model.can_generate() and model.base_model is model
+    assert model.can_generate()
+    randomize_composition(model)
+    ids = torch.tensor([[0, 5, 6, 7]])
+    hidden = model.base_model(ids).last_hidden_state  # the composition without the LM head, never the bare anchor
+    torch.testing.assert_close(model.get_output_embeddings()(hidden), model(ids).logits)
+    assert not torch.allclose(hidden, model.anchor.base_model(ids).last_hidden_state)
     assert model.config.model_type == "lmcompose" and model.config.vocab_size == VOCAB
     assert model.get_input_embeddings() is model.anchor.get_input_embeddings()
     assert model.num_parameters(only_trainable=True) == sum(p.numel() for p in model.composition_parameters())
@@ -155,9 +160,9 @@ def test_save_pretrained_writes_the_composition_only_and_from_pretrained_loads_i
     randomize_composition(model)
     model.save_pretrained(tmp_path / "composed")
     files = {p.name: p.stat().st_size for p in (tmp_path / "composed").iterdir()}
-    assert set(files) == {"composition.safetensors", "composition_config.json", "config.json", "generation_config.json"}
+    assert set(files) == {"model.safetensors", "composition_config.json", "config.json", "generation_config.json"}
     connection_bytes = sum(p.numel() * p.element_size() for p in model.composition_parameters())
-    assert files["composition.safetensors"] < connection_bytes + 10_000  # the connections, never the bases
+    assert files["model.safetensors"] < connection_bytes + 10_000  # the connections, never the bases
 
     ids = torch.tensor([[0, 5, 6, 7]])
     expected = model(ids).logits

@@ -116,7 +116,8 @@ def augment_tokens(tokenizer: Any, text: str) -> tuple[list[int], list[bool]]:
 
 
 def settled_limits(
-    tokenizer: Any, text: str, anchor_ends: Sequence[int], full_ids: Sequence[int], anchor_trailing: Sequence[bool]
+    tokenizer: Any, text: str, anchor_ends: Sequence[int], full_ids: Sequence[int], anchor_trailing: Sequence[bool],
+    known: Sequence[int] = (), unchanged: int = 0,
 ) -> list[int]:
     """For each anchor token, how many leading augment tokens of ``full_ids`` it may read.
 
@@ -126,13 +127,20 @@ def settled_limits(
         anchor_ends: where each anchor token ends in ``text``.
         full_ids: the augment's ids for ``text``.
         anchor_trailing: True for anchor special tokens after the text (they read everything).
+        known: limits computed before for a prefix of the anchor tokens (decoding: the text only grew), against
+            augment ids whose first ``unchanged`` agree with ``full_ids``. A known limit below ``unchanged`` stays
+            (it stopped where the augment's tokens of its prefix differ, and those did not move); the others are
+            computed again, so a decoding step costs the new tokens' work, not the whole sequence's.
     """
     by_cut: dict[int, int] = {}
     limits = []
     every_character = isolates_characters(tokenizer)  # once per text, not once per anchor token
-    for end, trailing in zip(anchor_ends, anchor_trailing):
+    for k, (end, trailing) in enumerate(zip(anchor_ends, anchor_trailing)):
         if trailing:
             limits.append(len(full_ids))
+            continue
+        if k < len(known) and known[k] < unchanged:
+            limits.append(known[k])
             continue
         cut = end if every_character else _last_pretoken_start(tokenizer, text[:end])
         if cut not in by_cut:
@@ -216,3 +224,26 @@ def align_batch(
         out["augment_attention_mask"].append(aug_mask)
         out["augment_limits"].append(limits)
     return out
+
+
+def align_ids(input_ids: Any, attention_mask: Any, tokenizer: Any, augment_tokenizers: Sequence[Any]
+              ) -> tuple[list, list, list]:
+    """The augment inputs of anchor ids (b, t) padded on one side: each text re-tokenized for every augment with
+    its own tokenizer, as :func:`align_batch` does from the ids of each text.
+
+    Returns:
+        per augment: augment_input_ids, augment_attention_mask, augment_limits (None for augments sharing the
+        anchor's ids), on ``input_ids``' device.
+    """
+    import torch
+
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    side = "left" if bool((mask[:, 0] == 0).any()) else "right"
+    aligned = align_batch([row[m.bool()].tolist() for row, m in zip(input_ids, mask)], tokenizer,
+                          augment_tokenizers, side)
+    if aligned["input_ids"].shape != input_ids.shape:
+        raise ValueError("Pad the batch on one side only to let the composition align it; or pass "
+                         "augment_input_ids and augment_limits (model.tokenize builds them)")
+    moved = [[None if x is None else x.to(input_ids.device) for x in aligned[k]]
+             for k in ("augment_input_ids", "augment_attention_mask", "augment_limits")]
+    return moved[0], moved[1], moved[2]

@@ -40,6 +40,20 @@ def cross_mask(
     return mask[:, None]  # (b, 1, t, s)
 
 
+def slot_mask(query_limit: torch.Tensor, key_token: torch.Tensor) -> torch.Tensor:
+    """:func:`cross_mask` for keys kept in slots out of sequence order: slot s holds the key of token
+    ``key_token[b, s]`` (-1: an empty or discarded slot).
+
+    Args:
+        query_limit: (b, t) long: query t may read the keys of tokens < query_limit[b, t].
+        key_token: (b, s) long.
+    Returns:
+        (b, 1, t, s) bool.
+    """
+    tokens = key_token[:, None, :]  # (b, 1, s)
+    return ((tokens >= 0) & (tokens < query_limit[:, :, None]))[:, None]
+
+
 def same_position_limit(batch: int, num_queries: int, offset: int, device: torch.device) -> torch.Tensor:
     """Shared tokenizer: the query at index ``offset + t`` may read keys ``0 .. offset + t``.
 

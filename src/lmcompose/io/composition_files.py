@@ -23,6 +23,8 @@ from .safe_files import bytes_digest, file_digest, read_json
 
 CONFIG_NAME = "composition_config.json"
 WEIGHTS_NAME = "composition.safetensors"
+PRETRAINED_WEIGHTS_NAME = "model.safetensors"  # save_pretrained's name: transformers' Trainer resumes from it
+WEIGHTS_NAMES = (WEIGHTS_NAME, PRETRAINED_WEIGHTS_NAME)
 FORMAT_VERSION = 1
 
 
@@ -56,21 +58,27 @@ def description_digest(meta: dict[str, Any]) -> str:
     return bytes_digest(json.dumps(described, sort_keys=True).encode())
 
 
-def save_composition(model: Any, path: Union[str, Path]) -> None:
+def save_composition(model: Any, path: Union[str, Path], weights_name: str = WEIGHTS_NAME, prefix: str = "") -> None:
     """Write ``model``'s composition to directory ``path`` (never the base models).
 
     The weights are written first, carrying the digest of the JSON that describes them; then the JSON, recording the
     weights' size and sha256. Each file is written atomically; loading checks both ways.
+
+    Args:
+        weights_name: the weights file, one of :data:`WEIGHTS_NAMES`.
+        prefix: put before every tensor name (``"connections."``: the names in the composed model's state dict).
     """
     path = Path(path)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.composition_state_dict().items()}
+    state = {prefix + k: v.detach().contiguous().cpu() for k, v in model.composition_state_dict().items()}
     meta = composition_metadata(model)
     meta["tensors"] = {k: list(v.shape) for k, v in state.items()}
+    if weights_name != WEIGHTS_NAME or prefix:
+        meta["weights_file"], meta["key_prefix"] = weights_name, prefix
     metadata = {"format": "pt", "composition_sha256": description_digest(meta)}
     size = sum(v.numel() * v.element_size() for v in state.values())
-    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata=metadata), size)
-    meta["weights_bytes"] = os.path.getsize(path / WEIGHTS_NAME)
-    meta["weights_sha256"] = file_digest(path / WEIGHTS_NAME)
+    atomic_write(path / weights_name, lambda tmp: save_file(state, tmp, metadata=metadata), size)
+    meta["weights_bytes"] = os.path.getsize(path / weights_name)
+    meta["weights_sha256"] = file_digest(path / weights_name)
     atomic_write_text(path / CONFIG_NAME, json.dumps(meta, indent=2))
 
 
@@ -82,12 +90,15 @@ def read_metadata(path: Union[str, Path]) -> dict[str, Any]:
     config_file = path / CONFIG_NAME
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} holds no {CONFIG_NAME}: is it a composition saved by lmcompose?")
-    if not (path / WEIGHTS_NAME).is_file():
-        raise FileNotFoundError(f"{path} holds no {WEIGHTS_NAME}: the composition weights are missing")
     meta = read_json(config_file, "composition config")
     for key in ("config", "connections", "anchor", "augments"):
         if not isinstance(meta, dict) or key not in meta:
             raise ValueError(f"{config_file} has no {key!r} entry; it is not an lmcompose composition config")
+    if meta.get("weights_file", WEIGHTS_NAME) not in WEIGHTS_NAMES or not isinstance(meta.get("key_prefix", ""), str):
+        raise ValueError(f"{config_file}: 'weights_file' must be one of {', '.join(WEIGHTS_NAMES)}, got "
+                         f"{meta.get('weights_file')!r:.80}; the file is damaged or not written by lmcompose")
+    if not weights_path(path, meta).is_file():
+        raise FileNotFoundError(f"{path} holds no {weights_path(path, meta).name}: the composition weights are missing")
     version = meta.get("format_version", 1)
     if not isinstance(version, int) or isinstance(version, bool):
         raise ValueError(f"{config_file}: format_version must be an integer, got {version!r}; the file is damaged")
@@ -97,6 +108,11 @@ def read_metadata(path: Union[str, Path]) -> dict[str, Any]:
         )
     _check_metadata_types(meta, config_file)
     return meta
+
+
+def weights_path(path: Path, meta: dict[str, Any]) -> Path:
+    """The weights file of the composition at ``path`` whose JSON is ``meta``."""
+    return path / meta.get("weights_file", WEIGHTS_NAME)
 
 
 def _check_metadata_types(meta: dict[str, Any], config_file: Path) -> None:
@@ -206,7 +222,7 @@ def load_composition(
     own = {k: tuple(v.shape) for k, v in model.connections.state_dict().items()}
     details = _differences(own, state, "the model needs")
     if details:
-        raise ValueError(f"{path / WEIGHTS_NAME} does not match {CONFIG_NAME}: " + "; ".join(details))
+        raise ValueError(f"{weights_path(path, meta)} does not match {CONFIG_NAME}: " + "; ".join(details))
     model.connections.load_state_dict(state)
     return model
 
@@ -219,7 +235,7 @@ def read_weights(path: Union[str, Path], meta: dict[str, Any]) -> dict[str, torc
     safetensors cannot read, tensor names or shapes other than those the JSON records.
     """
     path = Path(path)
-    weights_file = path / WEIGHTS_NAME
+    weights_file = weights_path(path, meta)
     expected_bytes = meta.get("weights_bytes")
     if expected_bytes is not None and os.path.getsize(weights_file) != expected_bytes:
         raise ValueError(
@@ -243,7 +259,10 @@ def read_weights(path: Union[str, Path], meta: dict[str, Any]) -> dict[str, torc
         details = _differences({k: tuple(v) for k, v in recorded.items()}, state, f"{CONFIG_NAME} records")
         if details:
             raise ValueError(f"{weights_file} does not match {CONFIG_NAME}: " + "; ".join(details))
-    return state
+    prefix = meta.get("key_prefix", "")
+    if any(not k.startswith(prefix) for k in state):
+        raise ValueError(f"{weights_file}: a tensor name lacks the prefix {prefix!r} {CONFIG_NAME} records")
+    return {k[len(prefix):]: v for k, v in state.items()}
 
 
 def _differences(expected: dict[str, tuple], state: dict[str, torch.Tensor], source: str) -> list[str]:

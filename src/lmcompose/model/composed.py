@@ -13,22 +13,21 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 
 from ..core import introspect
-from ..core.alignment import align_batch, require_fast
+from ..core.alignment import align_batch, align_ids, require_fast
 from ..core.config import CompositionConfig, resolve_connections
 from ..core.masking import cross_mask, positions_from_mask, same_position_limit
 from ..core.tokens import same_vocabulary
-from ..io.composition_files import load_composition, save_composition
-from . import pretrained
 from .connections import augment_name, build_connection, check_vocabularies
-from .decoding_cache import ComposedCache
-from .generation import checked_generate_arguments, generate_with_own_tokenizer, seeded
-from .hooks import capture_outputs, checkpointed_blocks, residual_updates
+from .decoding_cache import ComposedCache, as_composed_cache
+from .cached_forward import cached_forward
+from .hooks import capture_outputs, residual_updates
 from .pretrained import ComposedConfig
+from .transformers_model import TransformersModel
 
 KeyValues = list[tuple[torch.Tensor, torch.Tensor]]  # one (keys, values) pair per connection, each (b, h, s, d)
 
 
-class ComposedModel(PreTrainedModel, GenerationMixin):
+class ComposedModel(TransformersModel, PreTrainedModel, GenerationMixin):
     """An anchor LM composed with one or more augmenting LMs through trained cross-attention (CALM).
 
     Both kinds of base model stay frozen; only :meth:`composition_parameters` are trainable. The
@@ -73,7 +72,7 @@ class ComposedModel(PreTrainedModel, GenerationMixin):
         if getattr(anchor, "generation_config", None) is not None:
             self.generation_config = copy.deepcopy(anchor.generation_config)  # the anchor's decoding defaults
         self.checkpoint_connections = checkpoint_connections
-        self.checkpoint_anchor = False  # gradient_checkpointing_enable(): recompute the anchor blocks in backward
+        self.checkpoint_anchor = 0  # activation_checkpointing_enable(): recompute every n-th anchor block in backward
         self.gradient_checkpointing_kwargs: dict[str, Any] = {"use_reentrant": False}
         self.composition_config = composition_config
         self.anchor = anchor
@@ -107,6 +106,8 @@ class ComposedModel(PreTrainedModel, GenerationMixin):
             for model, pairs in zip(augments, self.resolved_connections)
         )
         self.connections.to(device=introspect.model_device(anchor), dtype=introspect.model_dtype(anchor))
+        # the bases' tensors, never in a checkpoint: a Trainer resuming a composition does not miss them
+        self._keys_to_ignore_on_save = [k for k in self.state_dict() if not k.startswith("connections.")]
         self._composition_enabled = True
 
     def shares_tokenizer(self, a: int = 0) -> bool:
@@ -122,20 +123,6 @@ class ComposedModel(PreTrainedModel, GenerationMixin):
     def composition_state_dict(self) -> dict[str, torch.Tensor]:
         """The connections' weights, keyed ``"{augment}.{connection}.{name}"``."""
         return {k: v.detach() for k, v in self.connections.state_dict().items()}
-
-    def summary(self) -> str:
-        """One line: trainable composition parameters vs all parameters."""
-        trainable = sum(p.numel() for p in self.composition_parameters())
-        total = sum(p.numel() for p in self.parameters())
-        count = sum(len(c) for c in self.resolved_connections)
-        return (
-            f"trainable params: {trainable:,} || all params: {total:,} || trainable%: "
-            f"{100 * trainable / total:.4f} || connections: {count}"
-        )
-
-    def print_trainable_parameters(self) -> None:
-        """Print :meth:`summary`."""
-        print(self.summary())
 
     def train(self, mode: bool = True) -> "ComposedModel":
         """Set the connections' training mode; the base models always stay in eval mode."""
@@ -282,6 +269,7 @@ class ComposedModel(PreTrainedModel, GenerationMixin):
         augment_attention_mask: Optional[Sequence[Optional[torch.Tensor]]] = None,
         augment_limits: Optional[Sequence[torch.Tensor]] = None,
         augment_states: Optional[Sequence[dict[int, torch.Tensor]]] = None,
+        backbone_only: bool = False,
         **kwargs: Any,
     ) -> Any:
         """Composed forward pass; returns the anchor's output (``.logits``, ``.loss`` when ``labels``, ``.cache``).
@@ -301,33 +289,62 @@ class ComposedModel(PreTrainedModel, GenerationMixin):
             augment_attention_mask: per augment, (b, s) padding mask of ``augment_input_ids``.
             augment_limits: per augment, (b, t) long: anchor token t may read augment tokens < limit.
             augment_states: per augment, precomputed {augment_layer: (b, s, D_A)}; skips the augments.
+            backbone_only: return the anchor backbone's output (``.last_hidden_state``, before the LM head), as
+                :attr:`base_model` does (tools that apply the head themselves, e.g. TRL's fused loss).
             **kwargs: passed to the anchor's forward.
         """
         if inputs_embeds is not None:
             raise ValueError("inputs_embeds cannot drive a composition: the augments read token ids; pass input_ids")
         if input_ids is None:
             raise ValueError("Pass input_ids: (batch, length) anchor token ids")
-        cache = _composed_cache(cache, past_key_values)
+        cache = as_composed_cache(cache, past_key_values)
+        if backbone_only:
+            if labels is not None or cache is not None or use_cache:
+                raise ValueError("backbone_only returns hidden states: pass no labels and no cache")
+            use_cache = False
         if logits_to_keep and introspect.accepts(self.anchor, "logits_to_keep"):
             kwargs["logits_to_keep"] = logits_to_keep
         if use_cache is None:
             use_cache = bool(getattr(self.anchor.config, "use_cache", True)) and not self.training and labels is None
-        own_tokenizer = self._composition_enabled and not all(map(self.shares_tokenizer, range(len(self.augments))))
-        if cache is None and use_cache and not own_tokenizer and augment_states is None:
+        if cache is None and use_cache and augment_states is None and augment_input_ids is None:
             cache = ComposedCache.for_model(self)
         if cache is not None:
-            if own_tokenizer:
-                raise ValueError("A cached forward of an augment with its own tokenizer is not supported; use "
-                                 "model.generate() or call without cache/use_cache")
-            return self._cached_forward(cache, input_ids, attention_mask, position_ids, labels, kwargs)
+            return cached_forward(self, cache, input_ids, attention_mask, position_ids, labels, kwargs)
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)
         anchor_kwargs = {**kwargs, "use_cache": False, **introspect.forward_kwargs(self.anchor, attention_mask,
                                                                                     position_ids)}
+        if backbone_only:
+            anchor_kwargs.pop("logits_to_keep", None)
+            run = self.anchor.base_model
+        else:
+            anchor_kwargs["labels"] = labels
+            run = self.anchor
         if not self._composition_enabled:
-            return self.anchor(input_ids=input_ids, labels=labels, **anchor_kwargs)
+            return run(input_ids=input_ids, **anchor_kwargs)
 
         b, t = input_ids.shape
+        key_values, masks = self._augment_reads(input_ids, attention_mask, position_ids, augment_input_ids,
+                                                augment_attention_mask, augment_limits, augment_states)
+        query_positions = position_ids
+        if query_positions is None and self.composition_config.rotary:
+            query_positions = torch.arange(t, device=input_ids.device)[None].expand(b, -1)
+        with self.attach(key_values, masks, query_positions), self._checkpointing_anchor():
+            return run(input_ids=input_ids, **anchor_kwargs)
+
+    def _augment_reads(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                       position_ids: Optional[torch.Tensor], augment_input_ids: Any, augment_attention_mask: Any,
+                       augment_limits: Any, augment_states: Any) -> tuple[list, list]:
+        """Per augment, the keys and values of its connections and the mask of what each anchor token reads (the
+        arguments are :meth:`forward`'s)."""
+        b, t = input_ids.shape
+        if augment_input_ids is None and augment_states is None and not all(map(self.shares_tokenizer,
+                                                                                 range(len(self.augments)))):
+            if self.tokenizer is None:
+                raise ValueError("An augment has its own tokenizer: pass augment_input_ids and augment_limits, or "
+                                 "give the composition the anchor's tokenizer (tokenizer=) to align the texts itself")
+            augment_input_ids, augment_attention_mask, augment_limits = align_ids(
+                input_ids, attention_mask, self.tokenizer, self.augment_tokenizers)
         key_values, masks = [], []
         for a in range(len(self.augments)):
             if self.shares_tokenizer(a):
@@ -353,57 +370,7 @@ class ComposedModel(PreTrainedModel, GenerationMixin):
                 if limit is None:
                     limit = same_position_limit(b, t, 0, input_ids.device)
                 masks.append(cross_mask(limit, mask, s))
-        query_positions = position_ids
-        if query_positions is None and self.composition_config.rotary:
-            query_positions = torch.arange(t, device=input_ids.device)[None].expand(b, -1)
-        with self.attach(key_values, masks, query_positions), self._checkpointing_anchor():
-            return self.anchor(input_ids=input_ids, labels=labels, **anchor_kwargs)
-
-    def _cached_forward(self, cache: ComposedCache, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                        position_ids: Optional[torch.Tensor], labels: Optional[torch.Tensor],
-                        kwargs: dict[str, Any]) -> Any:
-        """Advance every part of ``cache`` by the new tokens ``input_ids`` (b, n) and return the anchor's output."""
-        b, n = input_ids.shape
-        past = cache.get_seq_length()
-        if self._composition_enabled and not cache.in_step():
-            raise ValueError("This cache was filled with the composition disabled (only the anchor advanced); "
-                             "start a new cache")
-        if attention_mask is None:
-            attention_mask = torch.ones(b, past + n, dtype=torch.long, device=input_ids.device)
-        if attention_mask.shape[-1] != past + n:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions; the cache holds {past} and "
-                             f"{n} are new: pass the mask of past and new tokens")
-        if position_ids is None:
-            position_ids = positions_from_mask(attention_mask)[:, -n:]  # (b, n)
-        anchor_kwargs = {**kwargs, **introspect.forward_kwargs(self.anchor, attention_mask, position_ids),
-                         introspect.cache_argument(self.anchor): cache.anchor, "use_cache": True}
-        if not self._composition_enabled:
-            output = self.anchor(input_ids=input_ids, labels=labels, **anchor_kwargs)
-        else:
-            for a, composition in enumerate(cache.compositions):
-                states = self.augment_hidden(a, input_ids, attention_mask, position_ids, cache=cache.augments[a])
-                composition.append(self.project(a, states, position_ids), attention_mask[:, -n:])
-            total = past + n
-            valid = cache.compositions[0].key_valid[:, :total]  # (b, total): False on padding
-            if past == 0 and bool(valid.all()):
-                mask = None  # a prefill without padding: plain causal
-            else:  # new token i (at index past + i) reads the augment positions up to its own that are not padding
-                limit = torch.arange(past + 1, total + 1, device=input_ids.device)[None].expand(b, n)
-                mask = cross_mask(limit, valid, total)
-            with self.attach([c.key_values() for c in cache.compositions], [mask] * len(self.augments),
-                             position_ids):
-                output = self.anchor(input_ids=input_ids, labels=labels, **anchor_kwargs)
-        output.cache = cache
-        return output
-
-    @contextmanager
-    def _checkpointing_anchor(self) -> Iterator[None]:
-        """Recompute each anchor block in the backward pass, when :meth:`gradient_checkpointing_enable` asked."""
-        if self.checkpoint_anchor and self.training and torch.is_grad_enabled():
-            with checkpointed_blocks(self._anchor_blocks, self.gradient_checkpointing_kwargs):
-                yield
-        else:
-            yield
+        return key_values, masks
 
     # ----------------------------------------------------------------- text in
 
@@ -428,143 +395,6 @@ class ComposedModel(PreTrainedModel, GenerationMixin):
         texts = [texts] if isinstance(texts, str) else list(texts)
         anchor_ids = self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
         return send_to_device(align_batch(anchor_ids, self.tokenizer, self.augment_tokenizers, padding_side), self.device)
-
-    # ----------------------------------------------------------------- generation
-
-    def generate(self, inputs: Optional[torch.Tensor] = None, generation_config: Any = None, *,
-                 seed: Optional[int] = None, **kwargs: Any) -> Any:
-        """transformers' ``generate`` over the composition (every decoding strategy, logits processor, stopping
-        criterion and streamer it has), each step advancing one :class:`ComposedCache`.
-
-        Args:
-            inputs: (b, t) prompt ids (``input_ids=`` works too); left-pad prompts of different lengths.
-            generation_config, **kwargs: as transformers' ``generate`` takes them; ``stop_strings`` uses the
-                anchor's tokenizer unless ``tokenizer=`` is given.
-            seed: seed torch's generator for this call (reproducible sampling); None leaves it as it is.
-        Returns:
-            what transformers' ``generate`` returns: (b, t + n) ids, or its output object with
-            ``return_dict_in_generate=True``.
-        """
-        if isinstance(generation_config, torch.Tensor):
-            raise ValueError("generate()'s second positional argument is generation_config: pass the mask by name, "
-                             "generate(input_ids, attention_mask=mask, ...)")
-        kwargs = checked_generate_arguments(self, inputs, kwargs)
-        with seeded(seed, self.device):
-            if self._composition_enabled and not all(map(self.shares_tokenizer, range(len(self.augments)))):
-                return generate_with_own_tokenizer(self, generation_config=generation_config, **kwargs)
-            return super().generate(generation_config=generation_config, **kwargs)
-
-    def _prepare_cache_for_generation(self, generation_config: Any, model_kwargs: dict, generation_mode: Any,
-                                      batch_size: int, max_cache_length: int) -> None:
-        """One :class:`ComposedCache` per ``generate`` call (a cache given by the caller must be one)."""
-        given = model_kwargs.get("cache", model_kwargs.pop("past_key_values", None))
-        if given is not None:
-            model_kwargs["cache"] = _composed_cache(given, None)
-            return
-        if generation_config.use_cache is False:
-            return
-        if generation_config.cache_implementation not in (None, "dynamic"):
-            raise ValueError(f"cache_implementation={generation_config.cache_implementation!r} cannot hold a "
-                             "composition (it decodes with its own cache); leave cache_implementation unset")
-        model_kwargs["cache"] = ComposedCache.for_model(self, max_cache_length)
-
-    # ----------------------------------------------------------------- transformers model
-
-    def get_input_embeddings(self) -> nn.Module:
-        """The anchor's input embeddings."""
-        return self.anchor.get_input_embeddings()
-
-    def get_output_embeddings(self) -> nn.Module:
-        """The anchor's output head."""
-        return self.anchor.get_output_embeddings()
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        """Refused: the bases stay untouched."""
-        raise ValueError("A composition keeps its bases untouched: change the anchor's embeddings before composing")
-
-    def tie_weights(self, *args: Any, **kwargs: Any) -> None:
-        """Nothing to tie: the bases tie their own weights, the connections share none."""
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
-        """Recompute each anchor block the backward pass goes through (less activation memory); bases stay frozen.
-
-        Args:
-            gradient_checkpointing_kwargs: passed to ``torch.utils.checkpoint.checkpoint`` (default
-                ``use_reentrant=False``).
-        """
-        self.checkpoint_anchor = True
-        self.gradient_checkpointing_kwargs = dict(gradient_checkpointing_kwargs or {"use_reentrant": False})
-
-    def gradient_checkpointing_disable(self) -> None:
-        """Stop recomputing the anchor blocks."""
-        self.checkpoint_anchor = False
-
-    @property
-    def is_activation_checkpointing(self) -> bool:
-        """Whether :meth:`gradient_checkpointing_enable` is on."""
-        return self.checkpoint_anchor
-
-    is_gradient_checkpointing = is_activation_checkpointing
-
-    # ----------------------------------------------------------------- files
-
-    def save_pretrained(self, save_directory: Union[str, Any], is_main_process: bool = True, **kwargs: Any) -> None:
-        """Write the composition to ``save_directory`` (composition weights and config with the bases'
-        fingerprints and sources, ``config.json``, ``generation_config.json``); never the bases.
-
-        Args:
-            is_main_process: only the main process writes (as in transformers).
-            **kwargs: transformers' other arguments (``state_dict``, ``safe_serialization``, ...) are accepted and
-                have no effect: the composition is always its own safetensors file.
-        """
-        pretrained.save_pretrained(self, save_directory, is_main_process)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, Any], anchor: Optional[nn.Module] = None,
-                        augment: Union[None, nn.Module, Sequence[nn.Module]] = None, **kwargs: Any
-                        ) -> "ComposedModel":
-        """Load a composition saved by :meth:`save_pretrained` (or :meth:`save_composition`) onto ``anchor`` and
-        ``augment``, or, when they are not given, onto the bases it records; refuses bases that do not match.
-
-        Args:
-            pretrained_model_name_or_path: the composition's directory.
-            **kwargs: ``tokenizer=``, ``augment_tokenizer=``, ``dtype=`` (for bases it loads), ``strict=``
-                (False: a base mismatch is a warning), ``checkpoint_connections=``.
-        """
-        return pretrained.load_pretrained(cls, pretrained_model_name_or_path, anchor, augment, **kwargs)
-
-    def save_composition(self, path: str) -> None:
-        """Write the composition (config, base fingerprints, connection weights) to directory ``path``."""
-        save_composition(self, path)
-
-    @classmethod
-    def from_composition(
-        cls,
-        path: str,
-        anchor: nn.Module,
-        augment: Union[nn.Module, Sequence[nn.Module]],
-        *,
-        strict: bool = True,
-        **kwargs: Any,
-    ) -> "ComposedModel":
-        """Load a saved composition onto ``anchor`` and ``augment``; refuses bases that do not match.
-
-        Args:
-            strict: when False, a base-model mismatch is a warning instead of an error.
-            **kwargs: ``tokenizer=``, ``augment_tokenizer=`` as in the constructor.
-        """
-        return load_composition(cls, path, anchor, augment, strict=strict, **kwargs)
-
-
-def _composed_cache(cache: Any, past_key_values: Any) -> Optional[ComposedCache]:
-    """The one cache argument of a forward, which must be a :class:`ComposedCache` (or None)."""
-    if cache is not None and past_key_values is not None and cache is not past_key_values:
-        raise ValueError("Pass the cache once: cache= and past_key_values= are the same argument")
-    given = cache if cache is not None else past_key_values
-    if given is not None and not isinstance(given, ComposedCache):
-        raise ValueError(f"A composed model needs its own cache, not a {type(given).__name__}: pass the .cache of an "
-                         "earlier call of this model (a ComposedCache), or None")
-    return given
 
 
 def _per_augment(value: Any, count: int) -> list:

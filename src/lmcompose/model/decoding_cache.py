@@ -81,8 +81,9 @@ class CompositionCache:
 
 
 class ComposedCache(Cache):
-    """Everything a composition keeps between decoding steps, as one transformers ``Cache``: the anchor's KV cache,
-    each augment's KV cache and each augment's :class:`CompositionCache`.
+    """Everything a composition keeps between decoding steps, as one transformers ``Cache``: the anchor's KV cache
+    and, per augment, its KV cache and :class:`CompositionCache` (or, for an augment with its own tokenizer, a
+    :class:`~lmcompose.model.retokenized.RetokenizedAugment` holding both per sequence).
 
     ``generate`` creates one per call and passes it to every forward as ``cache`` (``past_key_values``); a forward
     given one advances all of its parts by the new tokens. Its length is the anchor's; cropping, beam reordering and
@@ -90,24 +91,43 @@ class ComposedCache(Cache):
 
     Args:
         anchor: the anchor's KV cache.
-        augments: per augment, its KV cache.
-        compositions: per augment, the projected keys and values of its connections.
+        augments: per augment, its KV cache (None for an augment with its own tokenizer).
+        compositions: per augment, the projected keys and values of its connections (None likewise).
+        retokenized: per augment, its per-sequence state when it has its own tokenizer, else None.
     """
 
-    def __init__(self, anchor: Any, augments: Sequence[Any], compositions: Sequence[CompositionCache]) -> None:
+    def __init__(self, anchor: Any, augments: Sequence[Any], compositions: Sequence[Optional[CompositionCache]],
+                 retokenized: Optional[Sequence[Any]] = None) -> None:
         super().__init__(layers=[])  # the parts hold the layers
         self.anchor = anchor
         self.augments = list(augments)
         self.compositions = list(compositions)
+        self.retokenized = list(retokenized) if retokenized is not None else [None] * len(self.augments)
+        self.token_ids: Optional[torch.Tensor] = None  # (b, T): the anchor's tokens so far (re-tokenized augments)
+
+    def record(self, new_ids: torch.Tensor) -> None:
+        """Append the anchor's new tokens (b, n)."""
+        self.token_ids = new_ids if self.token_ids is None else torch.cat([self.token_ids, new_ids], dim=1)
 
     @classmethod
     def for_model(cls, model: Any, capacity: int = 64) -> "ComposedCache":
         """An empty cache for the composed ``model``, its composition buffers sized for ``capacity`` positions."""
-        return cls(introspect.new_cache(model.anchor), [introspect.new_cache(m) for m in model.augments],
-                   [CompositionCache(1, capacity) for _ in model.augments])
+        from .retokenized import RetokenizedAugment
+
+        shared = [model.shares_tokenizer(a) for a in range(len(model.augments))]
+        return cls(introspect.new_cache(model.anchor),
+                   [introspect.new_cache(m) if s else None for m, s in zip(model.augments, shared)],
+                   [CompositionCache(1, capacity) if s else None for s in shared],
+                   [None if s else RetokenizedAugment(a) for a, s in enumerate(shared)])
 
     def _parts(self) -> list[Any]:
-        return [self.anchor, *self.augments]
+        return [self.anchor, *(a for a in self.augments if a is not None)]
+
+    def _compositions(self) -> list[CompositionCache]:
+        return [c for c in self.compositions if c is not None]
+
+    def _retokenized(self) -> list[Any]:
+        return [r for r in self.retokenized if r is not None]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Positions the anchor has seen."""
@@ -125,8 +145,9 @@ class ComposedCache(Cache):
         """Whether every augment has seen as many positions as the anchor (it does unless composition was disabled
         while this cache was filled)."""
         length = self.get_seq_length()
-        return all(c.length == length for c in self.compositions) and all(
-            a.get_seq_length() == length for a in self.augments)
+        return all(c is None or c.length == length for c in self.compositions) and all(
+            a is None or a.get_seq_length() == length for a in self.augments) and all(
+            r is None or r.in_step(length) for r in self.retokenized)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Forget the last ``-tokens_to_remove`` positions (a positive value: keep that many, as older transformers
@@ -135,8 +156,12 @@ class ComposedCache(Cache):
         keep = tokens_to_remove if tokens_to_remove > 0 else current + tokens_to_remove
         for part in self._parts():
             introspect.crop_cache(part, keep)
-        for composition in self.compositions:
+        for composition in self._compositions():
             composition.crop(keep)
+        for retokenized in self._retokenized():
+            retokenized.crop(keep)
+        if self.token_ids is not None:
+            self.token_ids = self.token_ids[:, :keep]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder the batch for beam search: row i becomes the old row ``beam_idx[i]``."""
@@ -147,22 +172,33 @@ class ComposedCache(Cache):
         for part in self._parts():
             if part.get_seq_length() > 0:
                 part.batch_select_indices(indices)
-        for composition in self.compositions:
+        for composition in self._compositions():
             composition.select(indices)
+        for retokenized in self._retokenized():
+            retokenized.select(indices.tolist())
+        if self.token_ids is not None:
+            self.token_ids = self.token_ids.index_select(0, indices.to(self.token_ids.device))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Repeat every batch row ``repeats`` times."""
         for part in self._parts():
             part.batch_repeat_interleave(repeats)
-        for composition in self.compositions:
+        for composition in self._compositions():
             composition.repeat_interleave(repeats)
+        for retokenized in self._retokenized():
+            retokenized.select([i for i in range(len(retokenized.rows)) for _ in range(repeats)])
+        if self.token_ids is not None:
+            self.token_ids = self.token_ids.repeat_interleave(repeats, dim=0)
 
     def reset(self) -> None:
         """Empty every part."""
         for part in self._parts():
             part.reset()
-        for composition in self.compositions:
+        for composition in self._compositions():
             composition.crop(0)
+        for retokenized in self._retokenized():
+            retokenized.rows = []
+        self.token_ids = None
 
     def activate_past_recording(self) -> None:
         """Let every part roll back (assisted decoding)."""
@@ -209,3 +245,14 @@ class ComposedCache(Cache):
 
     def __repr__(self) -> str:
         return f"ComposedCache(length={self.get_seq_length()}, augments={len(self.augments)})"
+
+
+def as_composed_cache(cache: Any, past_key_values: Any) -> Optional[ComposedCache]:
+    """The one cache argument of a forward, which must be a :class:`ComposedCache` (or None)."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("Pass the cache once: cache= and past_key_values= are the same argument")
+    given = cache if cache is not None else past_key_values
+    if given is not None and not isinstance(given, ComposedCache):
+        raise ValueError(f"A composed model needs its own cache, not a {type(given).__name__}: pass the .cache of an "
+                         "earlier call of this model (a ComposedCache), or None")
+    return given

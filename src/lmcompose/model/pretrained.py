@@ -1,8 +1,9 @@
 """A composition as a transformers model: its config (:class:`ComposedConfig`), ``save_pretrained`` and
 ``from_pretrained``.
 
-A composed model's directory holds the composition only, never the bases: ``composition.safetensors`` and
-``composition_config.json`` (the files of :mod:`lmcompose.io.composition_files`, with the bases' fingerprints),
+A composed model's directory holds the composition only, never the bases: ``model.safetensors`` (the connections,
+named as in the composed model's state dict, so transformers' Trainer resumes from it) and ``composition_config.json``
+(the files of :mod:`lmcompose.io.composition_files`, with the bases' fingerprints),
 ``config.json`` (a :class:`ComposedConfig`: where the bases were loaded from, the anchor's vocabulary, special tokens
 and context length) and ``generation_config.json`` (the anchor's generation defaults).
 """
@@ -77,12 +78,12 @@ def _source(model: Any) -> str:
 def save_pretrained(model: Any, path: Union[str, Path], is_main_process: bool = True) -> None:
     """Write ``model``'s composition to directory ``path``: the composition files, ``config.json`` and
     ``generation_config.json``, each atomically; never the bases."""
-    from ..io.composition_files import save_composition
+    from ..io.composition_files import PRETRAINED_WEIGHTS_NAME, save_composition
 
     if not is_main_process:
         return
     path = Path(path)
-    save_composition(model, path)
+    save_composition(model, path, PRETRAINED_WEIGHTS_NAME, prefix="connections.")
     atomic_write_text(path / CONFIG_NAME, model.config.to_json_string())
     if getattr(model, "generation_config", None) is not None:
         atomic_write_text(path / GENERATION_CONFIG_NAME, model.generation_config.to_json_string())
