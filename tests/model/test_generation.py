@@ -164,3 +164,17 @@ def test_smollm2_anchor_at_init_generates_exactly_like_transformers(smollm2):
     got = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=12)
     assert torch.equal(got, expected), (tokenizer.batch_decode(got), tokenizer.batch_decode(expected))
     assert "Paris" in tokenizer.decode(got[0])
+    for options in (dict(num_beams=3, num_return_sequences=2), dict(do_sample=True, top_p=0.9, temperature=0.7),
+                    dict(repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=10),
+                    dict(stop_strings=["."], tokenizer=tokenizer),
+                    dict(return_dict_in_generate=True, output_scores=True)):
+        outputs = []
+        for generator in (model, anchor):
+            torch.manual_seed(0)
+            outputs.append(generator.generate(**batch, max_new_tokens=10, **options))
+        got, expected = outputs
+        if isinstance(got, torch.Tensor):
+            assert torch.equal(got, expected), options
+        else:
+            assert torch.equal(got.sequences, expected.sequences)
+            assert all(torch.equal(x, y) for x, y in zip(got.scores, expected.scores))
