@@ -224,3 +224,14 @@ def test_cross_tokenizer_generate_strategies_cached_equal_uncached_batched(token
     with model.disable_composition():
         torch.manual_seed(0)
         assert not torch.equal(model.generate(**batch, max_new_tokens=12, pad_token_id=0, **options), runs[0])
+
+
+def test_a_batch_with_a_gap_in_its_mask_is_refused_when_an_augment_retokenizes(tokenizers):
+    bpe, chars = tokenizers
+    anchor = tiny_causal_lm("llama", vocab_size=len(chars), hidden_size=48, num_heads=6, seed=1)
+    augment = tiny_causal_lm("qwen2", vocab_size=len(bpe), hidden_size=32, num_layers=4, seed=2)
+    model = ComposedModel(anchor, augment, tokenizer=chars, augment_tokenizer=bpe)
+    batch = model.tokenize(["The fox", "x"], padding_side="left")
+    batch["attention_mask"][0, 2] = 0  # a hole inside the first prompt
+    with pytest.raises(ValueError, match="needs left-padded prompts"):
+        model.generate(batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=2)

@@ -107,6 +107,8 @@ def test_arguments_that_cannot_apply_are_refused_naming_the_argument():
         model.generate(ids, attention_mask=mask, max_new_tokens=2, cache_implementation="static")
     with pytest.raises(ValueError, match="not a DynamicCache"):
         model.generate(ids, attention_mask=mask, max_new_tokens=2, past_key_values=model.anchor(ids).cache)
+    with pytest.raises(ValueError, match="second positional argument is generation_config: pass the mask by name"):
+        model.generate(ids, mask, max_new_tokens=2)
 
 
 def test_assisted_decoding_with_the_anchor_as_assistant_equals_greedy():
