@@ -235,3 +235,25 @@ def test_a_batch_with_a_gap_in_its_mask_is_refused_when_an_augment_retokenizes(t
     batch["attention_mask"][0, 2] = 0  # a hole inside the first prompt
     with pytest.raises(ValueError, match="needs left-padded prompts"):
         model.generate(batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=2)
+
+
+def test_a_retokenizing_cache_repeats_selects_and_crops_in_step(tokenizers):
+    bpe, chars = tokenizers
+    anchor = tiny_causal_lm("llama", vocab_size=len(chars), hidden_size=48, num_heads=6, seed=1)
+    augment = tiny_causal_lm("qwen2", vocab_size=len(bpe), hidden_size=32, num_layers=4, seed=2)
+    model = ComposedModel(anchor, augment, CompositionConfig(connections=[(3, 1)]), tokenizer=chars,
+                          augment_tokenizer=bpe)
+    randomize_composition(model)
+    batch = model.tokenize(["The fox", "café 東"], padding_side="left")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    cache = model(ids, attention_mask=mask, use_cache=True).cache
+    cache.batch_repeat_interleave(2)
+    cache.batch_select_indices(torch.tensor([3, 0]))  # rows 1, 0
+    cache.crop(-2)
+    new = torch.tensor(chars(["ab", "cd"], add_special_tokens=False)["input_ids"])
+    kept_ids, kept_mask = ids[[1, 0], :-2], mask[[1, 0], :-2]
+    full_mask = torch.cat([kept_mask, torch.ones_like(new)], dim=1)
+    got = model(new, attention_mask=full_mask, cache=cache).logits
+    expected = model(torch.cat([kept_ids, new], dim=1), attention_mask=full_mask, use_cache=False).logits[:, -2:]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert cache.in_step()

@@ -83,7 +83,7 @@ class CompositionCache:
 class ComposedCache(Cache):
     """Everything a composition keeps between decoding steps, as one transformers ``Cache``: the anchor's KV cache
     and, per augment, its KV cache and :class:`CompositionCache` (or, for an augment with its own tokenizer, a
-    :class:`~lmcompose.model.retokenized.RetokenizedAugment` holding both per sequence).
+    :class:`~lmcompose.model.retokenized.RetokenizedAugment` holding both, in slots, with each sequence's alignment).
 
     ``generate`` creates one per call and passes it to every forward as ``cache`` (``past_key_values``); a forward
     given one advances all of its parts by the new tokens. Its length is the anchor's; cropping, beam reordering and

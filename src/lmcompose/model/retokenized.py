@@ -85,6 +85,7 @@ class RetokenizedAugment:
                                      "attention mask)")
                 self.rows.append(RowText(pads))
             self.cache = introspect.new_cache(model.augments[self.a])
+            self.composition = CompositionCache(1, 64)
             self.key_token = torch.zeros(len(self.rows), 0, dtype=torch.long, device=device)
         earliest, tails = anchor_ids.shape[1], []
         for r, (row, ids) in enumerate(zip(self.rows, anchor_ids.tolist())):
