@@ -121,3 +121,18 @@ def test_the_pipeline_end_to_end_then_from_its_caches(tiny_anchor_dir, tmp_path,
     assert calls == [] and again["cached"] == {"augments": True, "rows": True}  # nothing trained the second time
     assert again["rows"] == rows
     assert json.loads((out / "results.json").read_text())["rows"] == rows
+
+
+def test_an_interrupted_row_is_not_marked_done(tmp_path, monkeypatch):
+    import lmcompose.demos.facts.rows as rows
+    from lmcompose.train.run_state import TrainingResult
+
+    monkeypatch.setattr(rows, "load_anchor", lambda folder: (None, None))
+    monkeypatch.setattr(rows, "composition_data", lambda task, tokenizer: [])
+    monkeypatch.setattr(rows, "preservation_data", lambda *args, **kwargs: [])
+    monkeypatch.setattr(rows, "calm_model", lambda *args: None)
+    monkeypatch.setattr(rows, "train", lambda *args, **kwargs: TrainingResult(step=3, train_loss=1.0,
+                                                                              interrupted="SIGTERM"))
+    with pytest.raises(InterruptedError, match="stopped by SIGTERM at step 3 of 150; run the demo again"):
+        rows.train_row_job(rows.CALM_ROWS[0], FactsPipelineConfig(), "anchor", "augments", str(tmp_path / "row"))
+    assert not (tmp_path / "row" / "done.json").exists()

@@ -159,9 +159,12 @@ def train_row_job(name: str, config: FactsPipelineConfig, anchor_dir: str, augme
                                   learning_rate=config.compose_lr, warmup_steps=max(1, config.compose_steps // 10),
                                   preserve_weight=config.preserve_weight, preserve_ratio=config.preserve_ratio,
                                   eval_generate=False, progress_bar=progress, seed=config.seed, cpu=True)
-        result = train(model, d_c, None, training, out / "run", tokenizer=tokenizer,
+        result = train(model, d_c, None, training, out / "run", tokenizer=tokenizer, resume=True,
                        preserve_dataset=preservation_data(tokenizer, config.preserve_length, config.preserve_known,
                                                           seed=config.seed))
+        if result.interrupted:  # never a done.json for a row that did not finish: the next run resumes it
+            raise InterruptedError(f"{name}: stopped by {result.interrupted} at step {result.step} of "
+                                   f"{config.compose_steps}; run the demo again to continue from its checkpoint")
         figures = {"trainable_params": sum(p.numel() for p in model.composition_parameters()),
                    "train_loss": result.train_loss}
     elif name in BASELINE_ROWS:
