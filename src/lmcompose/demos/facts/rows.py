@@ -3,6 +3,7 @@ SmolLM2 and SmolLM2 fine-tuned. Each is a self-contained job (a worker process r
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import random
@@ -52,7 +53,10 @@ def save_anchor(folder: Path) -> None:
     from ...io.bases import load_base
 
     model, tokenizer = load_base("smollm2-135m")
-    plain = AutoModelForCausalLM.from_config(model.config)  # the GGUF-loaded model refuses save_pretrained
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # else the saved model still says "gguf" and refuses save_pretrained
+    plain = AutoModelForCausalLM.from_config(config)  # the GGUF-loaded model refuses save_pretrained
     plain.load_state_dict(model.state_dict())
     tmp = folder.with_name(folder.name + ".tmp")
     plain.save_pretrained(tmp)
