@@ -7,7 +7,7 @@ import json
 import pytest
 
 from lmcompose.demos.facts.config import FactsPipelineConfig
-from lmcompose.demos.facts.task import CITIES, DC_WORDINGS, UNSEEN_WORDINGS, FactsTask, FactsTaskConfig, answer_of
+from lmcompose.demos.facts.task import CITIES, DC_WORDINGS, UNSEEN_WORDINGS, FactsTask, FactsTaskConfig, answer_of, city_of
 from lmcompose.demos.output import check_output
 
 
@@ -51,8 +51,11 @@ def test_preservation_texts_ask_d_cs_wordings_only_about_people_outside_the_task
     assert not any(name in t for t in texts for name in task_names)
 
 
-def test_answers_are_read_from_the_first_line():
-    assert answer_of(" Paris.\nQ: next") == "Paris" and answer_of(" Rome") == "Rome" and answer_of("\nParis") == ""
+def test_sums_are_read_from_the_first_line_and_cities_from_the_first_word():
+    assert answer_of(" 12.\n3 + 4 =") == "12" and answer_of(" 7") == "7" and answer_of("\n7") == ""
+    # a statement goes on after the city: its first word is the answer, a newline before it is no answer
+    assert city_of(" Paris, France") == "Paris" and city_of(" Rome and is") == "Rome" and city_of(" Vienna\nB") == "Vienna"
+    assert city_of(" Parisian") == "Parisian" and city_of("\nParis") == "" and city_of(", Paris") == ""
 
 
 def test_an_output_directory_belongs_to_one_demo(tmp_path):

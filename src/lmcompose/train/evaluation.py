@@ -66,7 +66,7 @@ def evaluate_loss(model: Any, batches: Iterable[dict[str, Any]], device: Optiona
         if device is not None:
             batch = send_to_device(batch, device)
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs).logits  # (B, T, V)
+        logits = model(**inputs, use_cache=False).logits  # (B, T, V)
         loss, tokens = token_loss_sum(logits, batch["labels"])
         total += loss.double().cpu()
         count += int(tokens)

@@ -41,6 +41,6 @@ def preservation_kl(model: Any, batch: dict[str, Any], logits: torch.Tensor, row
     """
     inputs = {"input_ids": batch["input_ids"][rows], "attention_mask": batch["attention_mask"][rows]}
     with torch.no_grad(), model.disable_composition():
-        anchor_logits = model(**inputs).logits  # (P, T, V): the anchor alone, the reference
+        anchor_logits = model(**inputs, use_cache=False).logits  # (P, T, V): the anchor alone, the reference
     kl, positions = token_kl_sum(anchor_logits, logits[rows], inputs["attention_mask"])
     return kl / positions.clamp(min=1)

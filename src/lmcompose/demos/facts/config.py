@@ -21,7 +21,7 @@ class FactsPipelineConfig:
     # same-tokenizer augment: SmolLM2's first blocks, its embeddings frozen, further trained on the facts
     same_blocks: int = 4
     same_trained_from: int = 0  # blocks below this stay as SmolLM2 has them
-    same_steps: int = 300
+    same_steps: int = 800
     same_lr: float = 1e-3
     same_rows: int = 24  # packed rows per step
     same_length: int = 64  # tokens per row

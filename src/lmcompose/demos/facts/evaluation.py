@@ -15,17 +15,17 @@ import torch.nn.functional as F
 from ...core.tokens import encode_prompt
 from ...model.completion import generate_completions
 from ...train.evaluation import token_kl_sum
-from .task import Person, answer_of
+from .task import Person, answer_of, city_of
 
 Logits = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # a batch (input_ids, attention_mask) -> logits (B, T, V)
 
 
 def fact_accuracy(model: Any, tokenizer: Any, people: Sequence[Person], wording: str, batch_size: int = 32) -> float:
-    """Percent of ``people`` whose greedy answer to ``wording`` (its first line, a final full stop dropped) is their
-    city exactly."""
+    """Percent of ``people`` whose greedy answer to ``wording`` (the first word of the continuation) is their city
+    exactly."""
     prompts = [encode_prompt(tokenizer, wording.format(name=p.name)) for p in people]
     answers = generate_completions(model, tokenizer, prompts, max_new_tokens=3, batch_size=batch_size)
-    return 100.0 * sum(answer_of(a) == p.city for a, p in zip(answers, people)) / len(people)
+    return 100.0 * sum(city_of(a) == p.city for a, p in zip(answers, people)) / len(people)
 
 
 def arithmetic_items(count: Optional[int] = None, seed: int = 0) -> list[tuple[str, str]]:

@@ -31,10 +31,10 @@ def composed_logits(model: ComposedModel) -> Callable[[dict[str, torch.Tensor]],
     """The logits function of a composed model over anchor ids; an augment with its own tokenizer is aligned."""
     def logits(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if all(model.shares_tokenizer(a) for a in range(len(model.augments))):
-            return model(**batch).logits
+            return model(**batch, use_cache=False).logits
         aligned = align_batch(batch["input_ids"].tolist(), model.tokenizer, model.augment_tokenizers, "right")
         extra = {k: aligned[k] for k in ("augment_input_ids", "augment_attention_mask", "augment_limits")}
-        return model(**batch, **extra).logits
+        return model(**batch, **extra, use_cache=False).logits
 
     return logits
 
@@ -89,9 +89,9 @@ def score_rows(config: Any, task: FactsTask, prepared: dict[str, Any],
     for name, model in models.items():
         score(name, model, tokenizer)
     started = time.time()
-    logits = {name: (composed_logits(m) if isinstance(m, ComposedModel) else (lambda b, m=m: m(**b).logits))
+    logits = {name: (composed_logits(m) if isinstance(m, ComposedModel) else (lambda b, m=m: m(**b, use_cache=False).logits))
               for name, m in models.items()}
-    costs = ordinary_cost(lambda b: anchor(**b).logits, logits, ordinary_windows(tokenizer, config.ordinary_tokens))
+    costs = ordinary_cost(lambda b: anchor(**b, use_cache=False).logits, logits, ordinary_windows(tokenizer, config.ordinary_tokens))
     rows["SmolLM2 alone"].update(costs.pop("anchor"))
     for name, cost in costs.items():
         rows[name].update(cost)

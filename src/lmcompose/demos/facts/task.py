@@ -12,6 +12,7 @@ two question wordings that neither D_C nor the augment's data contain:
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
@@ -131,5 +132,15 @@ class FactsTask:
 
 
 def answer_of(generated: str) -> str:
-    """The answer in a greedy continuation: its first line, stripped of spaces and a final full stop."""
+    """The answer in a greedy continuation: its first line, stripped of spaces and a final full stop (a sum)."""
     return generated.split("\n")[0].strip().rstrip(".").strip()
+
+
+def city_of(generated: str) -> str:
+    """The city in a greedy continuation: its first word, spaces before it skipped ("" when it starts otherwise).
+
+    A statement goes on after the city (" Paris, where she works"), so the first line is not the answer; the first
+    word is, whatever follows it.
+    """
+    match = re.match(r"[ \t]*([A-Za-z]+)", generated)
+    return match.group(1) if match else ""
