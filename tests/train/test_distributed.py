@@ -1,5 +1,5 @@
 """Data-parallel training under `accelerate launch` (2 CPU processes, gloo) equals one process with twice the
-gradient accumulation on the same data: same global batch, same weights."""
+gradient accumulation and one process with the whole batch, on the same data: same global batch, same weights."""
 
 import json
 import os
@@ -37,7 +37,7 @@ def accelerate_command():
     return [str(script)] if script.exists() else [shutil.which("accelerate") or "accelerate"]
 
 
-def test_two_processes_equal_one_with_doubled_accumulation(tmp_path):
+def test_two_processes_equal_one_with_doubled_accumulation_and_one_with_the_whole_batch(tmp_path):
     anchor, augment = save_bases(tmp_path)
     data = write_jsonl(tmp_path / "train.jsonl", reverse_task(16, seed=0))  # 8 batches of 2: 4 per rank
     common = ["train", "--anchor", str(anchor), "--augment", str(augment), "--data", str(data), "--batch-size", "2",
@@ -57,13 +57,21 @@ def test_two_processes_equal_one_with_doubled_accumulation(tmp_path):
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert main(common + ["--output", str(tmp_path / "one"), "--grad-accum", "2"]) == 0
+    # completions of 2 to 5 characters: the step's loss is divided by its target tokens over every micro-batch and
+    # rank, so the whole batch of 4 in one micro-batch equals both splits of it
+    whole = common[:common.index("--batch-size")] + ["--batch-size", "4"] + common[common.index("--batch-size") + 2:]
+    assert main(whole + ["--output", str(tmp_path / "whole"), "--grad-accum", "1"]) == 0
 
     one_weights = load_file(tmp_path / "one" / "composition" / WEIGHTS_NAME)
+    for other in (two, tmp_path / "whole"):
+        other_weights = load_file(other / "composition" / WEIGHTS_NAME)
+        assert one_weights.keys() == other_weights.keys()
+        for key, value in one_weights.items():  # equal up to the order of float additions
+            assert torch.allclose(other_weights[key], value, atol=1e-5, rtol=0), (
+                other.name, key, (other_weights[key] - value).abs().max())
+        print(other.name, "largest difference:", max(float((other_weights[k] - v).abs().max())
+                                                      for k, v in one_weights.items()))
     two_weights = load_file(two / "composition" / WEIGHTS_NAME)
-    assert one_weights.keys() == two_weights.keys()
-    for key, value in one_weights.items():  # equal up to the order of float additions in the all-reduce
-        assert torch.allclose(two_weights[key], value, atol=1e-5, rtol=0), (key, (two_weights[key] - value).abs().max())
-    print("largest difference:", max(float((two_weights[k] - v).abs().max()) for k, v in one_weights.items()))
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in two_weights.items() if ".out." in k)  # it trained
 
     # DDP synchronises the connections only: the frozen bases are neither bucketed nor broadcast

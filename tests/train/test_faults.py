@@ -194,11 +194,11 @@ def test_a_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
     calls = [0]
     forward = model.forward
 
-    def poisoned(*args, **kwargs):  # micro-batch `micro_batch` (1-based) gets a non-finite loss
+    def poisoned(*args, **kwargs):  # micro-batch `micro_batch` (1-based) gets non-finite logits, so a non-finite loss
         out = forward(*args, **kwargs)
         calls[0] += 1
         if calls[0] == micro_batch:
-            out.loss = out.loss * float(bad)
+            out.logits = out.logits * float(bad)
         return out
 
     model.forward = poisoned
@@ -304,7 +304,7 @@ def test_a_diverged_cli_run_exits_1_naming_the_step(cli_work, tmp_path, monkeypa
         out = forward(self, *args, **kwargs)
         calls[0] += 1
         if calls[0] == 4:
-            out.loss = out.loss * float("nan")
+            out.logits = out.logits * float("nan")
         return out
 
     monkeypatch.setattr(ComposedModel, "forward", poisoned)

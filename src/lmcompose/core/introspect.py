@@ -165,9 +165,48 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def execution_device(module: nn.Module, name: str = "module") -> torch.device:
+    """Where ``module`` computes: the execution device accelerate's hook gives it (a module dispatched with a
+    ``device_map``, its weights maybe offloaded to CPU or disk), else the device of its first weight not on the meta
+    device.
+
+    Raises:
+        ValueError: every weight is on the meta device and no hook brings them anywhere (``name`` says which).
+    """
+    for part in module.modules():
+        hook = getattr(part, "_hf_hook", None)
+        device = getattr(hook, "execution_device", None)
+        if device is not None:
+            return torch.device(device)
+        for tensor in (*part.parameters(recurse=False), *part.buffers(recurse=False)):
+            if tensor.device.type != "meta":
+                return tensor.device
+    raise ValueError(f"{name} has no weights on any device (all on 'meta', with no offload hook): load the model "
+                     "with a device_map that places every block (a device, 'cpu' or 'disk'), or load it fully")
+
+
+def offloaded_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights accelerate offloaded (to CPU or disk: on the meta device in the model), read from their hooks'
+    weight maps, by state-dict name."""
+    found = {}
+    for prefix, module in model.named_modules():
+        hook = getattr(module, "_hf_hook", None)
+        weights = getattr(hook, "weights_map", None)
+        if weights is None or not getattr(hook, "offload", False):
+            continue
+        for local, tensor in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)):
+            if tensor.device.type == "meta":
+                found[f"{prefix}.{local}" if prefix else local] = weights[local]
+    return found
+
+
 def weight_signature(model: nn.Module, count: int = 16) -> list[float]:
     """A few fixed entries of the input embedding matrix: tells two checkpoints of one architecture apart."""
-    weight = model.get_input_embeddings().weight.detach()
+    embeddings = model.get_input_embeddings()
+    weight = embeddings.weight.detach()
+    if weight.device.type == "meta":  # offloaded: read through accelerate's hook
+        execution_device(embeddings, "the input embeddings")  # refuses embeddings that are nowhere
+        weight = embeddings._hf_hook.weights_map["weight"]
     flat = weight.reshape(-1)
     step = max(1, flat.numel() // count)
     picks = flat[::step][:count]
@@ -179,11 +218,14 @@ def weights_digest(model: nn.Module, per_tensor: int = 4096) -> str:
     spaced entries rounded to bfloat16 (so a float32 copy and a bfloat16 copy of one model agree).
 
     Changing any tensor of a model, or most of its entries, changes the digest; it reads a few thousand entries per
-    tensor, not the whole model. Tensors on the meta device (offloaded) count by name and shape only.
+    tensor, not the whole model. Weights accelerate offloaded to CPU or disk are read through its hooks; a tensor
+    on the meta device with no hook counts by name and shape only.
     """
     digest = hashlib.sha256()
+    offloaded = offloaded_tensors(model)
     for name, tensor in model.state_dict().items():
         digest.update(f"{name}:{tuple(tensor.shape)}:".encode())
+        tensor = offloaded.get(name, tensor)
         if tensor.device.type == "meta" or tensor.numel() == 0:
             continue
         flat = tensor.detach().reshape(-1)

@@ -105,10 +105,19 @@ class ComposedModel(TransformersModel, PreTrainedModel, GenerationMixin):
             nn.ModuleList(build_connection(anchor, model, self.composition_config) for _ in pairs)
             for model, pairs in zip(augments, self.resolved_connections)
         )
-        self.connections.to(device=introspect.model_device(anchor), dtype=introspect.model_dtype(anchor))
+        self._place_connections()
         # the bases' tensors, never in a checkpoint: a Trainer resuming a composition does not miss them
         self._keys_to_ignore_on_save = [k for k in self.state_dict() if not k.startswith("connections.")]
         self._composition_enabled = True
+
+    def _place_connections(self) -> None:
+        """Put each connection where the anchor block it attaches to computes (its execution device under a
+        ``device_map``, offloaded weights included), in the anchor's dtype."""
+        dtype = introspect.model_dtype(self.anchor)
+        for connections, pairs in zip(self.connections, self.resolved_connections):
+            for connection, (_, j) in zip(connections, pairs):
+                block = self._anchor_blocks[max(j, 0)]
+                connection.to(device=introspect.execution_device(block, f"anchor block {max(j, 0)}"), dtype=dtype)
 
     def shares_tokenizer(self, a: int = 0) -> bool:
         """Whether augment ``a`` reads the anchor's token ids."""
@@ -148,8 +157,8 @@ class ComposedModel(TransformersModel, PreTrainedModel, GenerationMixin):
 
     @property
     def device(self) -> torch.device:
-        """Device of the anchor."""
-        return introspect.model_device(self.anchor)
+        """Where the anchor's input embeddings compute (inputs go there), under a ``device_map`` too."""
+        return introspect.execution_device(self.anchor.get_input_embeddings(), "the anchor's input embeddings")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -205,7 +214,7 @@ class ComposedModel(TransformersModel, PreTrainedModel, GenerationMixin):
             some = next(iter(states.values()))
             positions = torch.arange(some.shape[1], device=some.device)[None].expand(some.shape[0], -1)
         return [
-            self._maybe_recompute(connection.project, states[i], positions)
+            self._maybe_recompute(connection.project, *_on_device_of(connection, states[i], positions))
             for connection, (i, _) in zip(self.connections[a], self.resolved_connections[a])
         ]
 
@@ -236,13 +245,17 @@ class ComposedModel(TransformersModel, PreTrainedModel, GenerationMixin):
         for a, pairs in enumerate(self.resolved_connections):
             for c, (_, j) in enumerate(pairs):
                 keys, values = key_values[a][c]
-                by_layer.setdefault(j, []).append((self.connections[a][c], keys, values, masks[a]))
+                mask = masks[a]
+                if mask is not None and mask.device != keys.device:  # a block of a split or offloaded anchor
+                    mask = mask.to(keys.device)
+                by_layer.setdefault(j, []).append((self.connections[a][c], keys, values, mask))
 
         def update_of(entries: list) -> Callable[[torch.Tensor], torch.Tensor]:
             def update(hidden: torch.Tensor) -> torch.Tensor:  # (b, t, D_B) -> the sum of every connection's update
                 delta = None
                 for connection, keys, values, mask in entries:
-                    d = self._maybe_recompute(connection, hidden, keys, values, mask, positions)
+                    where = positions if positions is None or positions.device == hidden.device else positions.to(hidden.device)
+                    d = self._maybe_recompute(connection, hidden, keys, values, mask, where)
                     delta = d if delta is None else delta + d
                 return delta
 
@@ -395,6 +408,15 @@ class ComposedModel(TransformersModel, PreTrainedModel, GenerationMixin):
         texts = [texts] if isinstance(texts, str) else list(texts)
         anchor_ids = self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
         return send_to_device(align_batch(anchor_ids, self.tokenizer, self.augment_tokenizers, padding_side), self.device)
+
+
+def _on_device_of(connection: nn.Module, states: torch.Tensor, positions: Optional[torch.Tensor]
+                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """An augment's states (and positions) moved to where ``connection`` is (the device of its anchor block)."""
+    device = next(connection.parameters()).device
+    if states.device == device:
+        return states, positions
+    return states.to(device), None if positions is None else positions.to(device)
 
 
 def _per_augment(value: Any, count: int) -> list:

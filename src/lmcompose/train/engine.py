@@ -27,7 +27,9 @@ def make_accelerator(config: TrainingConfig) -> Any:
         AcceleratorState._reset_state()  # as transformers' TrainingArguments does between runs
     return Accelerator(
         mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        # the recipe accumulates itself (no_sync on all but a step's last micro-batch), normalising the loss by the
+        # target tokens of the whole step; accelerate's own accumulation divides each micro-batch's mean instead
+        gradient_accumulation_steps=1,
         cpu=config.cpu,
         # by default accelerate steps the scheduler once per process at each optimiser step, so n processes
         # would run the schedule n times faster; the recipe steps it once per optimiser step instead
@@ -77,8 +79,27 @@ def prepare_model(accelerator: Any, model: Any) -> Any:
         del model._ddp_params_and_buffers_to_ignore  # DDP read it at construction; the model keeps no trace
 
 
+def step_totals(accelerator: Any, batches: list[dict[str, Any]]) -> torch.Tensor:
+    """What one optimiser step scores, summed over its micro-batches and every rank: (target tokens, preservation
+    positions), a float64 (2,) tensor the step's losses are divided by.
+
+    Dividing each micro-batch's summed loss by these (not by its own count) gives every target token of the step
+    the same weight, however the step is split into micro-batches and processes (transformers' Trainer does the
+    same with ``num_items_in_batch``).
+    """
+    targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    preserved = sum(int(b["attention_mask"][b["preserve_rows"]].sum()) for b in batches if "preserve_rows" in b)
+    totals = torch.tensor([float(targets), float(preserved)], dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(totals)
+    return totals
+
+
 def mean_over_ranks(accelerator: Any, losses: list[torch.Tensor], tokens: int) -> tuple[float, float]:
-    """Mean loss of the logging window and its token count, over every rank."""
+    """The logging window's mean step loss (each rank holds its share of every step's) and its token count, over every
+    rank."""
     stats = torch.stack([torch.stack(losses).float().mean(), torch.tensor(float(tokens), device=losses[0].device)])
     if accelerator.num_processes > 1:
         import torch.distributed as dist

@@ -28,8 +28,12 @@ def check_preservation(config: TrainingConfig, preserve_dataset: Optional[Datase
                          "(--preserve-data): their augment states are not cached. Turn one of them off")
 
 
-def preservation_kl(model: Any, batch: dict[str, Any], logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Mean KL(anchor || composed) per position over the preservation rows of a batch.
+def preservation_kl_sum(model: Any, batch: dict[str, Any], logits: torch.Tensor, rows: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed KL(anchor || composed) over the positions of a batch's preservation rows, and their number.
+
+    The recipe divides the sum by the positions of the whole optimiser step (every micro-batch, every rank), so how
+    a step is split into micro-batches and processes does not change it.
 
     Args:
         model: the ComposedModel (unwrapped): the anchor's logits come from it under ``disable_composition()``.
@@ -37,10 +41,16 @@ def preservation_kl(model: Any, batch: dict[str, Any], logits: torch.Tensor, row
         logits: (B, T, V) of the composed forward over the batch.
         rows: (B,) bool, True on the preservation rows.
     Returns:
-        a 0-dim tensor with a gradient through ``logits``.
+        (KL sum with a gradient through ``logits``, positions), both 0-dim tensors.
     """
     inputs = {"input_ids": batch["input_ids"][rows], "attention_mask": batch["attention_mask"][rows]}
     with torch.no_grad(), model.disable_composition():
         anchor_logits = model(**inputs, use_cache=False).logits  # (P, T, V): the anchor alone, the reference
-    kl, positions = token_kl_sum(anchor_logits, logits[rows], inputs["attention_mask"])
+    return token_kl_sum(anchor_logits, logits[rows], inputs["attention_mask"])
+
+
+def preservation_kl(model: Any, batch: dict[str, Any], logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Mean KL(anchor || composed) per position over the preservation rows of a batch (0-dim, with a gradient
+    through ``logits``); the arguments are :func:`preservation_kl_sum`'s."""
+    kl, positions = preservation_kl_sum(model, batch, logits, rows)
     return kl / positions.clamp(min=1)

@@ -36,9 +36,9 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .config import TrainingConfig
-from .evaluation import completion_scores, evaluate_loss
+from .evaluation import completion_scores, evaluate_loss, token_loss_sum
 from .faults import StopSignals, TrainingDivergedError, stop_diverged
-from .preservation import check_preservation, preservation_kl
+from .preservation import check_preservation, preservation_kl_sum
 from .run_log import append_metrics, plot_losses, read_metrics, truncate_metrics
 from .run_state import RunState, TrainingResult
 from .sampler import EpochShuffleSampler
@@ -178,38 +178,50 @@ class Recipe:
 
     # ----------------------------------------------------------------- one step
 
-    def micro_step(self, batch: dict[str, Any], signals: StopSignals) -> bool:
-        """Forward and backward of one micro-batch; at the last one of an optimiser step, clip and step.
-
-        Returns:
-            whether an optimiser step completed.
-        """
+    def optimizer_step(self, batches: list[dict[str, Any]], signals: StopSignals) -> None:
+        """Forward and backward of one optimiser step's micro-batches (gradients synchronised at the last one only),
+        then clip and step. Every loss is divided by the step's totals over all micro-batches and ranks."""
         accelerator, state = self.accelerator, self.state
-        with accelerator.accumulate(self.wrapped):
-            loss = self.loss(batch)
-            accelerator.backward(loss)
+        totals = engine.step_totals(accelerator, batches)
+        step_loss = step_kl = torch.zeros((), device=accelerator.device)
+        for i, batch in enumerate(batches):
+            tokens = int(batch["attention_mask"].sum())
+            with nullcontext() if i == len(batches) - 1 else accelerator.no_sync(self.wrapped):
+                loss, kl = self.loss(batch, totals)
+                accelerator.backward(loss)
             state.nonfinite |= ~torch.isfinite(loss.detach())
-            if accelerator.sync_gradients:
-                self._check_step(signals)
-            self.optimizer.step()  # a no-op while gradients accumulate
-            if accelerator.sync_gradients:
-                self.scheduler.step()
-            self.optimizer.zero_grad()
-        state.position += 1
-        state.window_losses.append(loss.detach())
-        state.window_tokens += int(batch["attention_mask"].sum())
-        return accelerator.sync_gradients
+            step_loss, step_kl = step_loss + loss.detach(), step_kl + kl
+            state.position += 1
+            state.window_tokens += tokens
+        self._check_step(signals)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad()
+        state.window_losses.append(step_loss)
+        if self.preserve_dataset is not None:
+            state.window_kl.append(step_kl)
 
-    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The loss of one micro-batch: the LM loss of its examples, plus ``preserve_weight`` times the mean KL
-        divergence from the anchor's own next-token distribution over its preservation rows (when it has any)."""
-        rows = batch.pop("preserve_rows", None)
-        out = self.wrapped(**batch)
-        if rows is None or not rows.any():
-            return out.loss
-        kl = preservation_kl(self.model, batch, out.logits, rows)
-        self.state.window_kl.append(kl.detach())
-        return out.loss + self.config.preserve_weight * kl
+    def loss(self, batch: dict[str, Any], totals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This micro-batch's share of its step's loss: its summed LM loss over the step's target tokens, plus
+        ``preserve_weight`` times its summed KL from the anchor's own next-token distribution over the step's
+        preservation positions; and that KL share, detached.
+
+        Both are scaled by the number of processes, since DDP averages the ranks' gradients.
+
+        Args:
+            totals: (2,) the step's target tokens and preservation positions, over every micro-batch and rank.
+        """
+        batch = dict(batch)
+        rows, labels = batch.pop("preserve_rows", None), batch.pop("labels")
+        out = self.wrapped(**batch)  # no labels: the loss is summed here, not averaged over this micro-batch
+        scale = self.accelerator.num_processes
+        targets, positions = totals.clamp(min=1).tolist()
+        loss = token_loss_sum(out.logits, labels)[0] * (scale / targets)
+        kl = torch.zeros((), device=loss.device)
+        if rows is not None and rows.any():
+            kl = preservation_kl_sum(self.model, batch, out.logits, rows)[0] * (scale / positions)
+            loss = loss + self.config.preserve_weight * kl
+        return loss, kl.detach()
 
     def _check_step(self, signals: StopSignals) -> None:
         """Before the optimiser step: clip, and stop the run (nothing of this step applied) on a NaN/inf anywhere."""
@@ -264,7 +276,7 @@ class Recipe:
             "grad_norm": None if state.grad_norm is None else float(state.grad_norm),
             "tokens_per_s": tokens / seconds if seconds > 0 else None,
         }
-        if state.window_kl:  # the mean KL from the anchor on the preservation texts, per token
+        if state.window_kl:  # the mean KL from the anchor on the preservation texts, per position (every rank has it)
             record["preserve_kl"] = engine.mean_over_ranks(self.accelerator, state.window_kl, 0)[0]
         self._record(record)
         self.progress.set_postfix(loss=f"{state.last_loss:.4f}", tok_s=f"{record['tokens_per_s'] or 0:.0f}")
@@ -325,6 +337,18 @@ class Recipe:
         batches.set_epoch(self.state.epoch)
         return batches
 
+    def step_batches(self) -> Iterable[list[dict[str, Any]]]:
+        """The rest of the current epoch's micro-batches, grouped by optimiser step (an epoch's last step may have
+        fewer than ``gradient_accumulation_steps``)."""
+        group: list[dict[str, Any]] = []
+        for batch in self.epoch_batches():
+            group.append(batch)
+            if len(group) == self.config.gradient_accumulation_steps:
+                yield group
+                group = []
+        if group:
+            yield group
+
     def run(self) -> TrainingResult:
         """Set up, train until ``total_steps`` (or a stop signal), then save the composition; the output directory is
         locked meanwhile (another run there is refused, naming this one)."""
@@ -345,8 +369,9 @@ class Recipe:
         self.wrapped.train()
         with StopSignals() as signals, self.progress:
             while state.step < self.total_steps and state.stop is None:
-                for batch in self.epoch_batches():
-                    if self.micro_step(batch, signals) and self.after_step():
+                for batches in self.step_batches():
+                    self.optimizer_step(batches, signals)
+                    if self.after_step():
                         break
         return self.finish()
 

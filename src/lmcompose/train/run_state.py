@@ -39,9 +39,9 @@ class RunState:
     step: int = 0  # optimiser steps done
     epoch: int = 0  # the current epoch
     position: int = 0  # micro-batches of the current epoch consumed
-    window_losses: list = field(default_factory=list)  # micro-batch losses since the last train record
+    window_losses: list = field(default_factory=list)  # this rank's share of each step's loss since the last record
     window_tokens: int = 0  # tokens (padding excluded) since the last train record
-    window_kl: list = field(default_factory=list)  # micro-batch KL from the anchor on preservation texts
+    window_kl: list = field(default_factory=list)  # this rank's share of each step's KL on preservation texts
     window_start: float = 0.0  # perf_counter() at the start of the window
     epoch_start: float = 0.0  # perf_counter() at the start of the epoch
     grad_norm: Optional[torch.Tensor] = None  # of the last optimiser step (before clipping)
