@@ -77,7 +77,9 @@ def run_train(opts: argparse.Namespace) -> int:
     from ..model.composed import ComposedModel
     from ..train.engine import is_main_launch
     from ..train.recipe import train
+    from ..train.sharding import check_sharding, launched_processes
 
+    check_sharding(config_from(TrainingConfig, opts), launched_processes())  # before any model loads
     anchor, tokenizer, augments, augment_tokenizers = _load(opts)
     composition = config_from(CompositionConfig, opts)
     set_seed(opts.seed)  # the seed decides the initial connection weights too: a run is a function of its options

@@ -7,7 +7,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from safetensors import SafetensorError
@@ -58,7 +58,8 @@ def description_digest(meta: dict[str, Any]) -> str:
     return bytes_digest(json.dumps(described, sort_keys=True).encode())
 
 
-def save_composition(model: Any, path: Union[str, Path], weights_name: str = WEIGHTS_NAME, prefix: str = "") -> None:
+def save_composition(model: Any, path: Union[str, Path], weights_name: str = WEIGHTS_NAME, prefix: str = "",
+                     weights: Optional[dict[str, Any]] = None, metadata: Optional[dict[str, Any]] = None) -> None:
     """Write ``model``'s composition to directory ``path`` (never the base models).
 
     The weights are written first, carrying the digest of the JSON that describes them; then the JSON, recording the
@@ -67,10 +68,13 @@ def save_composition(model: Any, path: Union[str, Path], weights_name: str = WEI
     Args:
         weights_name: the weights file, one of :data:`WEIGHTS_NAMES`.
         prefix: put before every tensor name (``"connections."``: the names in the composed model's state dict).
+        weights: the composition's weights as full tensors (default: the model's own), e.g. gathered from shards.
+        metadata: :func:`composition_metadata` of the model (default: read now), e.g. taken before it was sharded.
     """
     path = Path(path)
-    state = {prefix + k: v.detach().contiguous().cpu() for k, v in model.composition_state_dict().items()}
-    meta = composition_metadata(model)
+    weights = model.composition_state_dict() if weights is None else weights
+    state = {prefix + k: v.detach().contiguous().cpu() for k, v in weights.items()}
+    meta = dict(composition_metadata(model) if metadata is None else metadata)
     meta["tensors"] = {k: list(v.shape) for k, v in state.items()}
     if weights_name != WEIGHTS_NAME or prefix:
         meta["weights_file"], meta["key_prefix"] = weights_name, prefix

@@ -254,7 +254,7 @@ class ComposedModel(TransformersModel, PreTrainedModel, GenerationMixin):
             def update(hidden: torch.Tensor) -> torch.Tensor:  # (b, t, D_B) -> the sum of every connection's update
                 delta = None
                 for connection, keys, values, mask in entries:
-                    where = positions if positions is None or positions.device == hidden.device else positions.to(hidden.device)
+                    where = positions if positions is None else positions.to(hidden.device)  # a no-op on one device
                     d = self._maybe_recompute(connection, hidden, keys, values, mask, where)
                     delta = d if delta is None else delta + d
                 return delta
@@ -410,8 +410,8 @@ class ComposedModel(TransformersModel, PreTrainedModel, GenerationMixin):
         return send_to_device(align_batch(anchor_ids, self.tokenizer, self.augment_tokenizers, padding_side), self.device)
 
 
-def _on_device_of(connection: nn.Module, states: torch.Tensor, positions: Optional[torch.Tensor]
-                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _on_device_of(connection: nn.Module, states: torch.Tensor,
+                  positions: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """An augment's states (and positions) moved to where ``connection`` is (the device of its anchor block)."""
     device = next(connection.parameters()).device
     if states.device == device:

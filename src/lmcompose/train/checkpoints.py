@@ -9,7 +9,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -102,8 +102,8 @@ def remove_incomplete(directory: Union[str, Path]) -> None:
 def save_checkpoint(
     directory: Union[str, Path],
     step: int,
-    model: Any,
-    optimizer: Any,
+    write_composition: Callable[[Path], None],
+    optimizer_state: dict[str, Any],
     scheduler: Any,
     state: dict[str, Any],
     keep_last: int,
@@ -116,8 +116,9 @@ def save_checkpoint(
     Args:
         directory: the run's ``checkpoints`` directory.
         step: the optimiser step just completed.
-        model: the ComposedModel (its composition is saved with ``save_composition``).
-        optimizer, scheduler: objects with ``state_dict()``.
+        write_composition: writes the composition into a directory (``save_composition`` of the model).
+        optimizer_state: the optimiser's state dict, full tensors.
+        scheduler: an object with ``state_dict()``.
         state: JSON-ready bookkeeping (step, epoch, data position, config, ...).
         keep_last: how many complete checkpoints to keep.
     Returns:
@@ -131,8 +132,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        model.save_composition(tmp)
-        optimizer_state = optimizer.state_dict()
+        write_composition(tmp)
         atomic_write(tmp / OPTIMIZER_NAME, lambda t: torch.save(optimizer_state, t), _tensor_bytes(optimizer_state))
         atomic_write(tmp / SCHEDULER_NAME, lambda t: torch.save(scheduler.state_dict(), t))
         atomic_write(tmp / RNG_NAME, lambda t: torch.save(capture_rng_state(), t))

@@ -67,7 +67,8 @@ def prepare_model(accelerator: Any, model: Any) -> Any:
         raise NotImplementedError(
             f"train() runs on one process or data-parallel (DDP) processes, not under {kind}: sharding puts part of the "
             "composition and of its optimiser state on each rank, and checkpoints are written from rank 0's view. "
-            "Launch with DDP (accelerate launch --multi_gpu or --num_processes N); see docs/distributed.md"
+            "Launch with DDP (accelerate launch --multi_gpu or --num_processes N), or shard the bases with torch's FSDP2 "
+            "(--sharding fsdp2 under torchrun); see docs/distributed.md"
         )
     ddp = accelerator.num_processes > 1 and kind.startswith("MULTI_")
     if not ddp:  # one process: accelerate places the model and wraps nothing
@@ -77,24 +78,6 @@ def prepare_model(accelerator: Any, model: Any) -> Any:
         return accelerator.prepare(model)
     finally:
         del model._ddp_params_and_buffers_to_ignore  # DDP read it at construction; the model keeps no trace
-
-
-def step_totals(accelerator: Any, batches: list[dict[str, Any]]) -> torch.Tensor:
-    """What one optimiser step scores, summed over its micro-batches and every rank: (target tokens, preservation
-    positions), a float64 (2,) tensor the step's losses are divided by.
-
-    Dividing each micro-batch's summed loss by these (not by its own count) gives every target token of the step
-    the same weight, however the step is split into micro-batches and processes (transformers' Trainer does the
-    same with ``num_items_in_batch``).
-    """
-    targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-    preserved = sum(int(b["attention_mask"][b["preserve_rows"]].sum()) for b in batches if "preserve_rows" in b)
-    totals = torch.tensor([float(targets), float(preserved)], dtype=torch.float64, device=accelerator.device)
-    if accelerator.num_processes > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(totals)
-    return totals
 
 
 def mean_over_ranks(accelerator: Any, losses: list[torch.Tensor], tokens: int) -> tuple[float, float]:

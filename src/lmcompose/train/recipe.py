@@ -24,10 +24,11 @@ from ..core.padding import pad_token_id
 from ..io.atomic import publish_directory, remove_directory, remove_stale_temporaries, remove_unpublished
 from ..io.augment_cache import with_cached_states
 from ..io.collate import collator_for
+from ..io.composition_files import composition_metadata, save_composition
 from ..io.datasets import WithPreservation, data_fingerprint
 from ..io.input_checks import check_example_lengths
 from ..io.locks import output_lock
-from . import engine
+from . import engine, objective, sharding
 from .checkpoints import (
     find_start,
     remove_incomplete,
@@ -36,9 +37,9 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .config import TrainingConfig
-from .evaluation import completion_scores, evaluate_loss, token_loss_sum
+from .evaluation import completion_scores, evaluate_loss
 from .faults import StopSignals, TrainingDivergedError, stop_diverged
-from .preservation import check_preservation, preservation_kl_sum
+from .preservation import check_preservation
 from .run_log import append_metrics, plot_losses, read_metrics, truncate_metrics
 from .run_state import RunState, TrainingResult
 from .sampler import EpochShuffleSampler
@@ -74,6 +75,7 @@ class Recipe:
         self.preserve_dataset = preserve_dataset if self.config.preserve_weight > 0 else None
         self.on_locked = on_locked
         self.state = RunState()
+        self.metadata: Optional[dict[str, Any]] = None  # the composition's JSON, read before the model is sharded
 
     # ----------------------------------------------------------------- setup
 
@@ -86,12 +88,19 @@ class Recipe:
         self.main = self.accelerator.is_main_process  # only rank 0 writes files
         self._prepare_output()
         set_seed(self.config.seed)
-        self.wrapped = engine.prepare_model(self.accelerator, self.model)  # on the accelerator's device
+        sharded = self.config.sharding != "none"
+        # on the accelerator's device (DDP over the connections on several processes); FSDP2 shards it below
+        self.wrapped = self.model if sharded else engine.prepare_model(self.accelerator, self.model)
         self._setup_data()
+        self._setup_schedule()
+        files = self._restore_composition() if self.start_from is not None else None
+        if sharded:  # after the composition is restored and the fingerprints are read: both need whole weights
+            self.metadata = composition_metadata(self.model)
+            self.wrapped = sharding.shard_model(self.model, self.accelerator.device, self.accelerator.num_processes)
         self._setup_optimizer()
         self.state.nonfinite = torch.zeros((), dtype=torch.bool, device=self.accelerator.device)
-        if self.start_from is not None:
-            self._restore()
+        if files is not None:
+            self._restore_training(files)
         elif self.config.cache_augment_states and self.main:
             append_metrics(self.metrics_file, {"kind": "cache", "step": 0, **self.cache_report})
 
@@ -104,6 +113,7 @@ class Recipe:
                 f"augment {own[0]} has its own, so its states depend on how each batch aligns. Turn the cache off"
             )
         check_preservation(self.config, self.preserve_dataset)
+        sharding.check_sharding(self.config, sharding.launched_processes())
         check_example_lengths(self.train_dataset, self.model, "the training data")
         for data, what in ((self.eval_dataset, "the evaluation data"), (self.preserve_dataset, "the preservation data")):
             if data is not None:
@@ -156,19 +166,28 @@ class Recipe:
         self.cache_report = {"built": built, "seconds": seconds}
         logger.info("augment cache %s in %.2fs", "built" if built else "reused", seconds)
 
-    def _setup_optimizer(self) -> None:
-        """AdamW over the composition parameters and the learning-rate schedule over the run's steps."""
-        self.parameters = self.model.composition_parameters()
+    def _setup_schedule(self) -> None:
+        """The run's length in optimiser steps, from the loader and the config."""
         self.steps_per_epoch = math.ceil(len(self.loader) / self.config.gradient_accumulation_steps)
         self.total_steps = self.config.max_steps or self.steps_per_epoch * (self.config.epochs or 1)
+
+    def _setup_optimizer(self) -> None:
+        """AdamW over the composition parameters (shards of them under FSDP2) and the learning-rate schedule."""
+        self.parameters = self.model.composition_parameters()
         optimizer, scheduler = engine.make_optimizer(self.parameters, self.config, self.total_steps)
         self.optimizer, self.scheduler = self.accelerator.prepare(optimizer, scheduler)
 
-    def _restore(self) -> None:
-        """Continue from ``start_from``: composition, optimiser, scheduler, RNG states and the data position."""
-        files = restore_composition(self.model, self.start_from, self.config, self.data_sha, len(self.train_dataset),
-                                    self.accelerator.num_processes, self.total_steps, len(self.loader))
-        self.optimizer.load_state_dict(files["optimizer"])
+    def _restore_composition(self) -> dict[str, Any]:
+        """Load ``start_from``'s composition into the model (checked against this run); its other files."""
+        return restore_composition(self.model, self.start_from, self.config, self.data_sha, len(self.train_dataset),
+                                   self.accelerator.num_processes, self.total_steps, len(self.loader))
+
+    def _restore_training(self, files: dict[str, Any]) -> None:
+        """Continue from ``start_from``: optimiser, scheduler, RNG states and the data position."""
+        optimizer_state = files["optimizer"]
+        if self.config.sharding != "none":  # the file holds full tensors: split each as its parameter is
+            optimizer_state = sharding.sharded_optimizer_state(optimizer_state, self.parameters)
+        self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(files["scheduler"])
         restore_rng_state(files["rng"])
         self.state.step, self.state.epoch, self.state.position = (files["state"][k] for k in ("step", "epoch", "position"))
@@ -182,12 +201,13 @@ class Recipe:
         """Forward and backward of one optimiser step's micro-batches (gradients synchronised at the last one only),
         then clip and step. Every loss is divided by the step's totals over all micro-batches and ranks."""
         accelerator, state = self.accelerator, self.state
-        totals = engine.step_totals(accelerator, batches)
+        totals = objective.step_totals(accelerator, batches)
         step_loss = step_kl = torch.zeros((), device=accelerator.device)
         for i, batch in enumerate(batches):
             tokens = int(batch["attention_mask"].sum())
             with nullcontext() if i == len(batches) - 1 else accelerator.no_sync(self.wrapped):
-                loss, kl = self.loss(batch, totals)
+                loss, kl = objective.micro_batch_loss(self.wrapped, self.model, batch, totals,
+                                                      self.config.preserve_weight, accelerator.num_processes)
                 accelerator.backward(loss)
             state.nonfinite |= ~torch.isfinite(loss.detach())
             step_loss, step_kl = step_loss + loss.detach(), step_kl + kl
@@ -201,33 +221,13 @@ class Recipe:
         if self.preserve_dataset is not None:
             state.window_kl.append(step_kl)
 
-    def loss(self, batch: dict[str, Any], totals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This micro-batch's share of its step's loss: its summed LM loss over the step's target tokens, plus
-        ``preserve_weight`` times its summed KL from the anchor's own next-token distribution over the step's
-        preservation positions; and that KL share, detached.
-
-        Both are scaled by the number of processes, since DDP averages the ranks' gradients.
-
-        Args:
-            totals: (2,) the step's target tokens and preservation positions, over every micro-batch and rank.
-        """
-        batch = dict(batch)
-        rows, labels = batch.pop("preserve_rows", None), batch.pop("labels")
-        out = self.wrapped(**batch)  # no labels: the loss is summed here, not averaged over this micro-batch
-        scale = self.accelerator.num_processes
-        targets, positions = totals.clamp(min=1).tolist()
-        loss = token_loss_sum(out.logits, labels)[0] * (scale / targets)
-        kl = torch.zeros((), device=loss.device)
-        if rows is not None and rows.any():
-            kl = preservation_kl_sum(self.model, batch, out.logits, rows)[0] * (scale / positions)
-            loss = loss + self.config.preserve_weight * kl
-        return loss, kl.detach()
-
     def _check_step(self, signals: StopSignals) -> None:
         """Before the optimiser step: clip, and stop the run (nothing of this step applied) on a NaN/inf anywhere."""
         state = self.state
         if self.config.max_grad_norm is not None:
             state.grad_norm = self.accelerator.clip_grad_norm_(self.parameters, self.config.max_grad_norm)
+            if sharding.is_sharded(state.grad_norm):  # FSDP2: the norm over every rank's shards
+                state.grad_norm = state.grad_norm.full_tensor()
             if isinstance(state.grad_norm, torch.Tensor):
                 state.nonfinite |= ~torch.isfinite(state.grad_norm.detach()).to(state.nonfinite.device)
         diverged, state.stop = engine.agree_across_ranks(self.accelerator, state.nonfinite, signals.received)
@@ -305,9 +305,17 @@ class Recipe:
         self._record(record)
         return record
 
+    def composition_writer(self) -> Callable[[Path], None]:
+        """What writes the composition into a directory (rank 0 calls it). Every rank calls this: under FSDP2 the
+        weights are gathered from the shards here."""
+        weights = sharding.full_tensors(self.model.composition_state_dict())
+        return lambda path: save_composition(self.model, path, weights=weights, metadata=self.metadata)
+
     def save(self) -> Path:
         """Write ``checkpoints/step-N`` (rank 0), keeping the newest ``keep_last``; every rank waits for it."""
         state = self.state
+        write_composition = self.composition_writer()
+        optimizer_state = sharding.full_tensors(self.optimizer.state_dict())
         if self.main:
             bookkeeping = {
                 "step": state.step,
@@ -319,8 +327,8 @@ class Recipe:
                 "data_sha256": self.data_sha,
                 "config": self.config.to_dict(),
             }
-            save_checkpoint(self.checkpoints, state.step, self.model, self.optimizer, self.scheduler, bookkeeping,
-                            self.config.keep_last)
+            save_checkpoint(self.checkpoints, state.step, write_composition, optimizer_state, self.scheduler,
+                            bookkeeping, self.config.keep_last)
         self.accelerator.wait_for_everyone()
         return self.checkpoints / f"step-{state.step}"
 
@@ -336,18 +344,6 @@ class Recipe:
         batches = self.accelerator.skip_first_batches(self.loader, position) if position else self.loader
         batches.set_epoch(self.state.epoch)
         return batches
-
-    def step_batches(self) -> Iterable[list[dict[str, Any]]]:
-        """The rest of the current epoch's micro-batches, grouped by optimiser step (an epoch's last step may have
-        fewer than ``gradient_accumulation_steps``)."""
-        group: list[dict[str, Any]] = []
-        for batch in self.epoch_batches():
-            group.append(batch)
-            if len(group) == self.config.gradient_accumulation_steps:
-                yield group
-                group = []
-        if group:
-            yield group
 
     def run(self) -> TrainingResult:
         """Set up, train until ``total_steps`` (or a stop signal), then save the composition; the output directory is
@@ -369,7 +365,7 @@ class Recipe:
         self.wrapped.train()
         with StopSignals() as signals, self.progress:
             while state.step < self.total_steps and state.stop is None:
-                for batches in self.step_batches():
+                for batches in objective.grouped_by_step(self.epoch_batches(), self.config.gradient_accumulation_steps):
                     self.optimizer_step(batches, signals)
                     if self.after_step():
                         break
@@ -385,12 +381,13 @@ class Recipe:
                            state.saved_at)
             return TrainingResult(step=state.step, train_loss=state.last_loss, eval_metrics=state.last_eval,
                                   resumed_from=self.start_from, interrupted=name, checkpoint=state.saved_at)
-        model = self.accelerator.unwrap_model(self.wrapped, keep_fp32_wrapper=False)
+        self.accelerator.unwrap_model(self.wrapped, keep_fp32_wrapper=False)  # the user's model without autocast
         composition_dir = self.output / COMPOSITION_DIR
+        write_composition = self.composition_writer()
         if self.main:
             tmp = self.output / f".{COMPOSITION_DIR}.tmp-{os.getpid()}"
             try:
-                model.save_composition(tmp)
+                write_composition(tmp)
                 publish_directory(tmp, composition_dir)  # never weights of this run beside the JSON of an earlier one
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)  # gone once published; a failed save leaves nothing

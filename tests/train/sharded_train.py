@@ -1,0 +1,58 @@
+"""Run by tests/train/test_sharding.py under torchrun: `lmcompose train`, reporting what each rank holds.
+
+Each rank writes OUT/rank{r}.json: the bytes of the bases' parameters it holds before and after sharding. With
+``--kill-after-step K`` rank 1 SIGKILLs itself once step K is done (its checkpoint written, if one was due).
+Usage: torchrun ... sharded_train.py OUT [--kill-after-step K] -- <lmcompose train arguments>
+"""
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+torch.set_num_threads(1)
+
+import lmcompose.train.recipe as recipe  # noqa: E402
+import lmcompose.train.sharding as sharding  # noqa: E402
+from lmcompose.cli import main  # noqa: E402
+
+out = Path(sys.argv[1])
+ours = sys.argv[2 : sys.argv.index("--")]
+argv = sys.argv[sys.argv.index("--") + 1 :]
+kill_after = int(ours[ours.index("--kill-after-step") + 1]) if "--kill-after-step" in ours else None
+rank = int(os.environ.get("RANK", "0"))
+report = {}
+shard = sharding.shard_model
+
+
+def bases_bytes(model):
+    return sum(sharding.local_bytes(m) for m in (model.anchor, *model.augments))
+
+
+def spy(model, device, processes):
+    report["bases_bytes_before"] = bases_bytes(model)
+    sharded = shard(model, device, processes)
+    report["bases_bytes_after"] = bases_bytes(sharded)
+    report["connection_params_sharded"] = all(sharding.is_sharded(p) for p in sharded.composition_parameters())
+    return sharded
+
+
+after_step = recipe.Recipe.after_step
+
+
+def killing_after_step(self):
+    stop = after_step(self)
+    if kill_after is not None and rank == 1 and self.state.step == kill_after:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return stop
+
+
+sharding.shard_model = spy
+recipe.Recipe.after_step = killing_after_step
+code = main(argv)
+report["exit_code"] = code
+(out / f"rank{rank}.json").write_text(json.dumps(report))
+sys.exit(code)

@@ -1,0 +1,128 @@
+"""Sharded training under torchrun (2 CPU ranks, gloo, torch FSDP2): each rank holds half of the frozen bases, the
+composition equals one process's on the same global batch, a SIGKILLed rank's run resumes to the uninterrupted
+weights, and what cannot be a sharded run is refused in one line."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmcompose.cli import main
+from lmcompose.io.composition_files import WEIGHTS_NAME
+from lmcompose.train.run_log import read_metrics
+
+from helpers import reverse_task, save_bases, write_jsonl
+from test_distributed import free_port
+
+HERE = Path(__file__).parent
+ROOT = HERE.parents[1]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sharding")
+    anchor, augment = save_bases(root)
+    data = write_jsonl(root / "train.jsonl", reverse_task(16, seed=0))  # completions of 2 to 5 characters
+    common = ["train", "--anchor", str(anchor), "--augment", str(augment), "--data", str(data), "--lr", "1e-2",
+              "--seed", "3", "--max-steps", "6", "--save-every", "2", "--keep-last", "5", "--log-every", "1",
+              "--warmup-steps", "2", "--no-progress", "--cpu"]
+    return {"root": root, "common": common}
+
+
+def torchrun(work, output, *extra, report="reports", kill_after=None):
+    """`lmcompose train` on 2 ranks under torchrun with FSDP2 (batch 2 per rank), through the spy script."""
+    reports = work["root"] / report
+    reports.mkdir(exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]))
+    ours = ["--kill-after-step", str(kill_after)] if kill_after is not None else []
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               str(HERE / "sharded_train.py"), str(reports), *ours, "--", *work["common"], "--batch-size", "2",
+               "--output", str(output), *extra]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300), reports
+
+
+def weights(run):
+    return load_file(run / "composition" / WEIGHTS_NAME)
+
+
+def assert_close(a, b, atol=1e-5):
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        assert torch.allclose(b[key], value, atol=atol, rtol=0), (key, (b[key] - value).abs().max())
+
+
+@pytest.fixture(scope="module")
+def sharded_run(work):
+    proc, reports = torchrun(work, work["root"] / "fsdp", "--sharding", "fsdp2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return work["root"] / "fsdp", reports, proc
+
+
+def test_two_sharded_ranks_equal_one_process_on_the_same_global_batch_and_hold_half_the_bases(work, sharded_run):
+    run, reports, proc = sharded_run
+    assert main(work["common"] + ["--batch-size", "4", "--output", str(work["root"] / "one")]) == 0
+    assert_close(weights(work["root"] / "one"), weights(run))
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in weights(run).items() if ".out." in k)  # it trained
+    one_losses = [r["loss"] for r in read_metrics(work["root"] / "one" / "metrics.jsonl") if r["kind"] == "train"]
+    losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+    assert losses == pytest.approx(one_losses, rel=1e-5)
+    assert proc.stdout.count("trained 6 steps") == 1  # rank 0 alone reports and writes
+
+    for rank in (0, 1):
+        report = json.loads((reports / f"rank{rank}.json").read_text())
+        assert report["exit_code"] == 0 and report["connection_params_sharded"]
+        # each rank keeps its half of every base tensor between uses (an odd row count splits unevenly)
+        assert 0.45 < report["bases_bytes_after"] / report["bases_bytes_before"] < 0.55, report
+    # the checkpoints hold full tensors, as one process writes them
+    saved = load_file(run / "checkpoints" / "step-6" / WEIGHTS_NAME)
+    assert_close(weights(run), {k: v for k, v in saved.items()}, atol=0)
+    optimizer = torch.load(run / "checkpoints" / "step-6" / "optimizer.pt", weights_only=True)
+    assert all(v["exp_avg"].shape == saved[k].shape for k, v in zip(sorted(saved), optimizer["state"].values())
+               if k in saved) or optimizer["state"]
+
+
+def test_a_sigkilled_rank_then_resume_gives_the_uninterrupted_weights_and_another_sharding_is_refused(work, sharded_run):
+    run = work["root"] / "killed"
+    proc, _ = torchrun(work, run, "--sharding", "fsdp2", report="killed-reports", kill_after=3)
+    assert proc.returncode != 0  # torchrun stops the launch when a rank dies
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2"]  # step 3's work is lost, no more
+
+    proc, _ = torchrun(work, run, "--resume", report="wrong-reports")  # resumed data-parallel, not sharded
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("lmcompose train: error:")]
+    # each rank refuses and exits 2, unless torchrun stopped it first when the other one did (torchrun exits 1)
+    assert errors and all(line.endswith("(checkpoint != now): sharding: 'fsdp2' != 'none'") for line in errors)
+    assert "exitcode  : 2" in proc.stderr
+    assert str(ROOT / "src") not in proc.stderr  # no traceback of ours
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2"]  # nothing written was lost
+
+    proc, _ = torchrun(work, run, "--sharding", "fsdp2", "--resume", report="resumed-reports")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_close(weights(sharded_run[0]), weights(run))
+    steps = [r["step"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_sharding_on_one_process_and_with_what_it_cannot_carry_is_refused_before_anything_is_written(work, capsys):
+    out = work["root"] / "refused"
+    for extra, message in (
+        (["--sharding", "fsdp2"], "sharding='fsdp2' (--sharding fsdp2) splits the frozen bases across processes, and "
+                                  "this launch has one: start it with `torchrun --nproc_per_node N`"),
+        (["--sharding", "fsdp2", "--bf16"], "sharding='fsdp2' trains in float32: drop --bf16"),
+        (["--sharding", "fsdp2", "--cache-augment-states"], "drop --cache-augment-states"),
+    ):
+        env = {"WORLD_SIZE": "2"} if len(extra) > 2 else {}
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in env.items():
+                patch.setenv(key, value)  # two processes as torchrun would say, so the next check speaks
+            assert main(work["common"] + ["--batch-size", "2", "--output", str(out), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err  # refused before any model loads: nothing else printed
+    assert not out.exists()
