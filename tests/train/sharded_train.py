@@ -16,6 +16,7 @@ import torch
 torch.set_num_threads(1)
 
 import lmcompose.train.recipe as recipe  # noqa: E402
+from lmcompose.core import introspect  # noqa: E402
 import lmcompose.train.sharding as sharding  # noqa: E402
 from lmcompose.cli import main  # noqa: E402
 
@@ -34,6 +35,10 @@ def bases_bytes(model):
 
 def spy(model, device, processes):
     report["bases_bytes_before"] = bases_bytes(model)
+    report["augment_blocks_run"] = [0] * len(introspect.decoder_blocks(model.augments[0]))
+    for i, block in enumerate(introspect.decoder_blocks(model.augments[0])):
+        block.register_forward_pre_hook(lambda *_, i=i: report["augment_blocks_run"].__setitem__(
+            i, report["augment_blocks_run"][i] + 1))
     sharded = shard(model, device, processes)
     report["bases_bytes_after"] = bases_bytes(sharded)
     report["connection_params_sharded"] = all(sharding.is_sharded(p) for p in sharded.composition_parameters())

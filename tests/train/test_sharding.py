@@ -30,7 +30,9 @@ def work(tmp_path_factory):
     root = tmp_path_factory.mktemp("sharding")
     anchor, augment = save_bases(root)
     data = write_jsonl(root / "train.jsonl", reverse_task(16, seed=0))  # completions of 2 to 5 characters
+    # the augment's block 3 is above every connection: its forward stops after block 2 (the early exit), sharded too
     common = ["train", "--anchor", str(anchor), "--augment", str(augment), "--data", str(data), "--lr", "1e-2",
+              "--connections", "1:0,2:1",
               "--seed", "3", "--max-steps", "6", "--save-every", "2", "--keep-last", "5", "--log-every", "1",
               "--warmup-steps", "2", "--no-progress", "--cpu"]
     return {"root": root, "common": common}
@@ -79,6 +81,8 @@ def test_two_sharded_ranks_equal_one_process_on_the_same_global_batch_and_hold_h
     for rank in (0, 1):
         report = json.loads((reports / f"rank{rank}.json").read_text())
         assert report["exit_code"] == 0 and report["connection_params_sharded"]
+        runs = report["augment_blocks_run"]  # the early exit: block 3 never runs, blocks 0-2 once per micro-batch
+        assert runs[3] == 0 and runs[0] == runs[1] == runs[2] > 0, runs
         # each rank keeps its half of every base tensor between uses (an odd row count splits unevenly)
         assert 0.45 < report["bases_bytes_after"] / report["bases_bytes_before"] < 0.55, report
     # the checkpoints hold full tensors, as one process writes them
