@@ -58,6 +58,13 @@ def test_sums_are_read_from_the_first_line_and_cities_from_the_first_word():
     assert city_of(" Parisian") == "Parisian" and city_of("\nParis") == "" and city_of(", Paris") == ""
 
 
+def test_a_character_level_answer_gets_tokens_enough_for_the_longest_city_and_one_more():
+    from lmcompose.demos.facts.augments import char_tokenizer
+    from lmcompose.demos.facts.evaluation import answer_tokens
+
+    assert answer_tokens(char_tokenizer()) == len(" " + max(CITIES, key=len)) + 1 == 8  # 3 read " Pa", never a city
+
+
 def test_an_output_directory_belongs_to_one_demo(tmp_path):
     check_output(tmp_path / "a", "facts")
     check_output(tmp_path / "a", "facts")  # the same demo again: fine

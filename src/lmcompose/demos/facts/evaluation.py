@@ -15,16 +15,24 @@ import torch.nn.functional as F
 from ...core.tokens import encode_prompt
 from ...model.completion import generate_completions
 from ...train.evaluation import token_kl_sum
-from .task import Person, answer_of, city_of
+from .task import CITIES, Person, answer_of, city_of
 
 Logits = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # a batch (input_ids, attention_mask) -> logits (B, T, V)
+
+
+def answer_tokens(tokenizer: Any) -> int:
+    """New tokens enough to read a city's whole first word: its longest spelling (a space first) in ``tokenizer``'s
+    tokens and one more (a word that goes on is not the city), at least 3: 8 for a character-level tokenizer."""
+    longest = max(len(tokenizer(" " + city, add_special_tokens=False)["input_ids"]) for city in CITIES)
+    return max(3, longest + 1)
 
 
 def fact_accuracy(model: Any, tokenizer: Any, people: Sequence[Person], wording: str, batch_size: int = 32) -> float:
     """Percent of ``people`` whose greedy answer to ``wording`` (the first word of the continuation) is their city
     exactly."""
     prompts = [encode_prompt(tokenizer, wording.format(name=p.name)) for p in people]
-    answers = generate_completions(model, tokenizer, prompts, max_new_tokens=3, batch_size=batch_size)
+    answers = generate_completions(model, tokenizer, prompts, max_new_tokens=answer_tokens(tokenizer),
+                                   batch_size=batch_size)
     return 100.0 * sum(city_of(a) == p.city for a, p in zip(answers, people)) / len(people)
 
 
