@@ -17,7 +17,7 @@ from ..core.alignment import align_batch, align_ids, require_fast
 from ..core.config import CompositionConfig, resolve_connections
 from ..core.masking import cross_mask, positions_from_mask, same_position_limit
 from ..core.tokens import same_vocabulary
-from .connections import augment_name, build_connection, check_vocabularies
+from .connections import augment_name, build_connection, check_vocabularies, on_device_of, place_connections
 from .decoding_cache import ComposedCache, as_composed_cache
 from .cached_forward import cached_forward
 from .hooks import capture_outputs, residual_updates
@@ -105,19 +105,11 @@ class ComposedModel(TransformersModel, PreTrainedModel, GenerationMixin):
             nn.ModuleList(build_connection(anchor, model, self.composition_config) for _ in pairs)
             for model, pairs in zip(augments, self.resolved_connections)
         )
-        self._place_connections()
+        place_connections(self.connections, self.resolved_connections, self._anchor_blocks,
+                          introspect.model_dtype(anchor))
         # the bases' tensors, never in a checkpoint: a Trainer resuming a composition does not miss them
         self._keys_to_ignore_on_save = [k for k in self.state_dict() if not k.startswith("connections.")]
         self._composition_enabled = True
-
-    def _place_connections(self) -> None:
-        """Put each connection where the anchor block it attaches to computes (its execution device under a
-        ``device_map``, offloaded weights included), in the anchor's dtype."""
-        dtype = introspect.model_dtype(self.anchor)
-        for connections, pairs in zip(self.connections, self.resolved_connections):
-            for connection, (_, j) in zip(connections, pairs):
-                block = self._anchor_blocks[max(j, 0)]
-                connection.to(device=introspect.execution_device(block, f"anchor block {max(j, 0)}"), dtype=dtype)
 
     def shares_tokenizer(self, a: int = 0) -> bool:
         """Whether augment ``a`` reads the anchor's token ids."""
@@ -214,7 +206,7 @@ class ComposedModel(TransformersModel, PreTrainedModel, GenerationMixin):
             some = next(iter(states.values()))
             positions = torch.arange(some.shape[1], device=some.device)[None].expand(some.shape[0], -1)
         return [
-            self._maybe_recompute(connection.project, *_on_device_of(connection, states[i], positions))
+            self._maybe_recompute(connection.project, *on_device_of(connection, states[i], positions))
             for connection, (i, _) in zip(self.connections[a], self.resolved_connections[a])
         ]
 
@@ -408,15 +400,6 @@ class ComposedModel(TransformersModel, PreTrainedModel, GenerationMixin):
         texts = [texts] if isinstance(texts, str) else list(texts)
         anchor_ids = self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
         return send_to_device(align_batch(anchor_ids, self.tokenizer, self.augment_tokenizers, padding_side), self.device)
-
-
-def _on_device_of(connection: nn.Module, states: torch.Tensor,
-                  positions: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """An augment's states (and positions) moved to where ``connection`` is (the device of its anchor block)."""
-    device = next(connection.parameters()).device
-    if states.device == device:
-        return states, positions
-    return states.to(device), None if positions is None else positions.to(device)
 
 
 def _per_augment(value: Any, count: int) -> list:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
+import torch
 from torch import nn
 
 from ..core import introspect
@@ -60,3 +61,29 @@ def check_vocabularies(anchor: nn.Module, augments: Sequence[nn.Module], augment
 def augment_name(a: int, count: int) -> str:
     """How messages name augment ``a`` of ``count``."""
     return "the augment model" if count == 1 else f"augment model {a}"
+
+
+def place_connections(connections: nn.ModuleList, resolved: Sequence[Sequence[tuple[int, int]]],
+                      anchor_blocks: Sequence[nn.Module], dtype: torch.dtype) -> None:
+    """Put each connection where the anchor block it attaches to computes (its execution device under a
+    ``device_map``, offloaded weights included), in ``dtype``.
+
+    Args:
+        connections: per augment, its connections.
+        resolved: per augment, its (augment layer, anchor layer) pairs; anchor layer -1 is the first block's input.
+        anchor_blocks: the anchor's decoder blocks.
+    """
+    for per_augment, pairs in zip(connections, resolved):
+        for connection, (_, j) in zip(per_augment, pairs):
+            block = max(j, 0)
+            device = introspect.execution_device(anchor_blocks[block], f"anchor block {block}")
+            connection.to(device=device, dtype=dtype)
+
+
+def on_device_of(connection: nn.Module, states: torch.Tensor,
+                 positions: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """An augment's states (and positions) moved to where ``connection`` is (the device of its anchor block)."""
+    device = next(connection.parameters()).device
+    if states.device == device:
+        return states, positions
+    return states.to(device), None if positions is None else positions.to(device)
