@@ -88,9 +88,9 @@ def test_two_sharded_ranks_equal_one_process_on_the_same_global_batch_and_hold_h
     # the checkpoints hold full tensors, as one process writes them
     saved = load_file(run / "checkpoints" / "step-6" / WEIGHTS_NAME)
     assert_close(weights(run), {k: v for k, v in saved.items()}, atol=0)
-    optimizer = torch.load(run / "checkpoints" / "step-6" / "optimizer.pt", weights_only=True)
-    assert all(v["exp_avg"].shape == saved[k].shape for k, v in zip(sorted(saved), optimizer["state"].values())
-               if k in saved) or optimizer["state"]
+    optimizer = torch.load(run / "checkpoints" / "step-6" / "optimizer.pt", weights_only=True)  # plain tensors only
+    moments = sorted(tuple(v["exp_avg"].shape) for v in optimizer["state"].values())
+    assert moments == sorted(tuple(v.shape) for v in saved.values())  # whole, not one rank's half
 
 
 def test_a_sigkilled_rank_then_resume_gives_the_uninterrupted_weights_and_another_sharding_is_refused(work, sharded_run):
