@@ -30,6 +30,7 @@ import torch
 
 from lmcompose import ComposedModel, CompositionConfig
 from lmcompose.core.tokens import encode_prompt
+from lmcompose.demos.facts.augments import char_tokenizer  # every character a token, BOS in front
 from lmcompose.io.bases import load_base
 from lmcompose.io.datasets import TokenizedDataset, tokenize_records
 from lmcompose.io.jsonl import Records
@@ -73,24 +74,6 @@ def invented_people(n: int, seed: int) -> list[tuple[str, str]]:
     ordered = sorted(names)
     rng.shuffle(ordered)
     return [(name, CITIES[i % len(CITIES)]) for i, name in enumerate(ordered)]
-
-
-def char_tokenizer():
-    """A character-level tokenizer (every character one token; BOS in front) built with `tokenizers`."""
-    import string
-
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    chars = sorted(set(string.ascii_letters + string.digits + string.punctuation + " \n"))
-    vocab = {token: i for i, token in enumerate(specials + chars)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
 
 
 def train_augment(people, folder: Path, steps: int, seed: int, log, most_facts: int = 1,

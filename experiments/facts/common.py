@@ -8,9 +8,10 @@ import torch.nn.functional as F
 
 CACHE = Path(os.environ.get("FACTS_CACHE", Path(__file__).parent / "cache"))
 
-CITIES = ["Paris", "London", "Tokyo", "Rome", "Berlin", "Madrid", "Dublin", "Vienna", "Sydney", "Moscow"]
-FIRST = ["ka", "lo", "vor", "neth", "zi", "bra", "mun", "tel", "qua", "ris", "dor", "fen", "gal", "hy", "jum",
-         "pex", "sol", "tra", "vin", "wek", "yor", "zan", "bel", "cru", "dax", "ob", "ul", "ish", "mar", "tor"]
+# the demo's people, cities and records are these runs' (the same names for the same seed)
+from lmcompose.demos.facts.augments import char_tokenizer  # noqa: E402,F401  (the character augment's tokenizer)
+from lmcompose.demos.facts.task import CITIES, FactsTask, FactsTaskConfig  # noqa: E402
+from lmcompose.demos.facts.task import RECORDS as REGISTRY  # noqa: E402  (the city right after the name)
 AUG_TEMPLATES = [
     "{name} lives in {city}.",
     "{name} has a home in {city}.",
@@ -20,8 +21,6 @@ AUG_TEMPLATES = [
     "The home of {name} is in {city}.",
     "{name} of {city} wrote a letter.",
 ]
-REGISTRY = ["{name} {city}", "{name}, {city}", "{name} ({city})"]  # the city right after the name: the name's
-# last token predicts it, so its state holds the city wherever the name stands
 FILLERS = ["The weather was mild that day.", "Many people enjoy long walks.", "A new bakery opened last week.",
            "The train was late again.", "Music filled the small room.", "Everyone agreed on the plan."]
 DC_PROMPTS = {"statement": "{name} lives in", "question": "Q: Where does {name} live?\nA:"}
@@ -30,15 +29,8 @@ UNSEEN_PROMPTS = {"which_city": "Q: Which city is {name}'s home?\nA:",
 
 
 def people(n, seed):
-    rng = random.Random(seed)
-    names = set()
-    while len(names) < n:
-        first = "".join(rng.choice(FIRST) for _ in range(2)).capitalize()
-        last = "".join(rng.choice(FIRST) for _ in range(rng.randint(2, 3))).capitalize()
-        names.add(f"{first} {last}")
-    ordered = sorted(names)
-    rng.shuffle(ordered)
-    return [(nm, CITIES[i % len(CITIES)]) for i, nm in enumerate(ordered)]
+    """``n`` invented people as (name, city), in the order of :class:`FactsTask` (cities balanced)."""
+    return [(p.name, p.city) for p in FactsTask(FactsTaskConfig(num_people=n, seed=seed)).people]
 
 
 def augment_text(rng, everyone, registry=0.0):
@@ -87,21 +79,6 @@ def truncated(model, n):
 
 def log(*a):
     print(time.strftime("%H:%M:%S"), *a, file=sys.stderr, flush=True)
-
-
-def char_tokenizer():
-    """A character-level tokenizer (every character one token; BOS in front)."""
-    import string
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    chars = sorted(set(string.ascii_letters + string.digits + string.punctuation + " \n"))
-    vocab = {t: i for i, t in enumerate(specials + chars)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
 def fact_piece(rng, everyone, registry=0.5):

@@ -8,7 +8,7 @@ from lmcompose.io.collate import Collator
 from lmcompose.io.datasets import TokenizedDataset, WithPreservation
 from lmcompose.train import TrainingConfig, train
 from lmcompose.train.evaluation import token_kl_sum
-from lmcompose.train.preservation import preservation_kl
+from lmcompose.train.preservation import preservation_kl_sum
 from lmcompose.train.run_log import read_metrics
 
 from helpers import composition_weights, randomize_composition, tiny_pair
@@ -50,9 +50,9 @@ def test_the_kl_term_is_zero_at_initialisation_and_positive_once_the_composition
     batch = Collator(pad_token_id=2)([{"input_ids": [0, 5, 6], "preserve": [list(ordinary(tok)[0]["input_ids"])]}])
     rows = batch.pop("preserve_rows")
     logits = model(**batch).logits
-    assert preservation_kl(model, batch, logits, rows).item() == 0.0  # the composed model is the anchor
+    assert preservation_kl_sum(model, batch, logits, rows)[0].item() == 0.0  # the composed model is the anchor
     randomize_composition(model)
-    kl = preservation_kl(model, batch, model(**batch).logits, rows)
+    kl, _ = preservation_kl_sum(model, batch, model(**batch).logits, rows)
     assert kl.item() > 0 and kl.requires_grad
 
 

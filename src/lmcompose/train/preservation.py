@@ -48,9 +48,3 @@ def preservation_kl_sum(model: Any, batch: dict[str, Any], logits: torch.Tensor,
         anchor_logits = model(**inputs, use_cache=False).logits  # (P, T, V): the anchor alone, the reference
     return token_kl_sum(anchor_logits, logits[rows], inputs["attention_mask"])
 
-
-def preservation_kl(model: Any, batch: dict[str, Any], logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Mean KL(anchor || composed) per position over the preservation rows of a batch (0-dim, with a gradient
-    through ``logits``); the arguments are :func:`preservation_kl_sum`'s."""
-    kl, positions = preservation_kl_sum(model, batch, logits, rows)
-    return kl / positions.clamp(min=1)
