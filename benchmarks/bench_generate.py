@@ -58,19 +58,34 @@ def build(args: argparse.Namespace):
 PREVIOUS = "c9bcc43"  # the last commit with the hand-written decoding loop (lmcompose.model.generation.generate)
 
 
-def previous_generate(revision: str):
-    """The hand-written ``generate(model, ids, ...)`` of ``revision``, read from git, or None outside a clone."""
+def _module_of_revision(revision: str, path: str, name: str, package: str, replace: tuple = ()) -> types.ModuleType:
+    """The module at ``path`` of git ``revision``, loaded as ``name`` in ``package`` (``replace``: text to swap)."""
     root = os.path.join(os.path.dirname(__file__), "..")
+    source = subprocess.run(["git", "show", f"{revision}:{path}"], cwd=root, capture_output=True, text=True,
+                            check=True).stdout
+    for old, new in replace:
+        source = source.replace(old, new)
+    module = types.ModuleType(name)
+    module.__package__ = package
+    sys.modules[name] = module
+    exec(compile(source, f"{revision}:{path}", "exec"), module.__dict__)
+    return module
+
+
+def previous_generate(revision: str):
+    """The hand-written ``generate(model, ids, ...)`` of ``revision``, read from git, or None outside a clone.
+
+    It runs with that revision's cross-tokenizer alignment too (what decoding cost then), not today's.
+    """
     try:
-        source = subprocess.run(["git", "show", f"{revision}:src/lmcompose/model/generation.py"], cwd=root,
-                                capture_output=True, text=True, check=True).stdout
+        _module_of_revision(revision, "src/lmcompose/core/alignment.py", "lmcompose.core.previous_alignment",
+                            "lmcompose.core")
+        module = _module_of_revision(revision, "src/lmcompose/model/generation.py",
+                                     "lmcompose.model.previous_generation", "lmcompose.model",
+                                     replace=(("from ..core.alignment import", "from ..core.previous_alignment import"),))
     except (OSError, subprocess.CalledProcessError):
         print(f"git revision {revision} is not readable here; skipping the previous loop's column")
         return None
-    module = types.ModuleType("lmcompose.model.previous_generation")
-    module.__package__ = "lmcompose.model"
-    sys.modules[module.__name__] = module
-    exec(compile(source, f"{revision}:generation.py", "exec"), module.__dict__)
     return module.generate
 
 

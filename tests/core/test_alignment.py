@@ -257,3 +257,39 @@ def test_a_retokenizing_cache_repeats_selects_and_crops_in_step(tokenizers):
     expected = model(torch.cat([kept_ids, new], dim=1), attention_mask=full_mask, use_cache=False).logits[:, -2:]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert cache.in_step()
+
+
+def _char_tokenizer_with(single):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for c in sorted(set("".join(TEXTS))):
+        vocab.setdefault(c, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=[("<s>", 1), ("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+@pytest.mark.parametrize("single", ["<s> $A", "$A </s>", "<s> $A </s>", "$A"])
+@pytest.mark.parametrize("text", TEXTS)
+def test_a_character_level_augment_reads_what_each_prefix_tokenizes_to(tokenizers, single, text):
+    # the one-pass rule for character-level augments equals the definition: anchor token t reads the common
+    # prefix of the augment's ids of the whole text and of the text up to t's end (its appended EOS dropped)
+    from lmcompose.core.alignment import anchor_trailing_specials, augment_tokens, settled_limits
+
+    bpe, _ = tokenizers
+    chars = _char_tokenizer_with(single)
+    anchor_ids = bpe(text)["input_ids"]
+    whole, ends = anchor_token_ends(bpe, anchor_ids)
+    full_ids, _ = augment_tokens(chars, whole)
+    expected = []
+    for end in ends:
+        ids, special = augment_tokens(chars, whole[:end])
+        texts = [k for k, s in enumerate(special) if not s]
+        ids = ids[: texts[-1] + 1] if texts else ids[:1] if ids and ids[0] == chars.bos_token_id else []
+        expected.append(next((k for k, (a, b) in enumerate(zip(ids, full_ids)) if a != b), min(len(ids), len(full_ids))))
+    assert settled_limits(chars, whole, ends, full_ids, anchor_trailing_specials(bpe, anchor_ids)) == expected

@@ -132,9 +132,10 @@ def settled_limits(
             (it stopped where the augment's tokens of its prefix differ, and those did not move); the others are
             computed again, so a decoding step costs the new tokens' work, not the whole sequence's.
     """
+    if isolates_characters(tokenizer):
+        return _character_limits(tokenizer, text, anchor_ends, full_ids, anchor_trailing)
     by_cut: dict[int, int] = {}
     limits = []
-    every_character = isolates_characters(tokenizer)  # once per text, not once per anchor token
     for k, (end, trailing) in enumerate(zip(anchor_ends, anchor_trailing)):
         if trailing:
             limits.append(len(full_ids))
@@ -142,7 +143,7 @@ def settled_limits(
         if k < len(known) and known[k] < unchanged:
             limits.append(known[k])
             continue
-        cut = end if every_character else _last_pretoken_start(tokenizer, text[:end])
+        cut = _last_pretoken_start(tokenizer, text[:end])
         if cut not in by_cut:
             ids, special = augment_tokens(tokenizer, text[:cut])
             # drop special tokens the tokenizer appends (EOS): they would say the text ends here
@@ -156,6 +157,32 @@ def settled_limits(
                 common += 1
             by_cut[cut] = common
         limits.append(by_cut[cut])
+    return limits
+
+
+def _character_limits(tokenizer: Any, text: str, anchor_ends: Sequence[int], full_ids: Sequence[int],
+                      anchor_trailing: Sequence[bool]) -> list[int]:
+    """:func:`settled_limits` for a character-level augment tokenizer, from one tokenization of ``text``.
+
+    Nothing merges, so the text up to an anchor token's end is settled: the token reads the augment's leading
+    special tokens and every text token that ends by then (all the tokens of a character that takes several).
+    """
+    encoded = tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True)
+    ids, special, offsets = encoded["input_ids"], encoded["special_tokens_mask"], encoded["offset_mapping"]
+    if list(ids) != list(full_ids):
+        raise ValueError("settled_limits: full_ids are not the augment's tokenization of the text")
+    first_text = next((k for k, is_special in enumerate(special) if not is_special), len(ids))
+    text_ends = [end for _, end in offsets[first_text:]]  # non-decreasing: characters in order
+    # before any text token, only a BOS is readable (what the augment's tokenization of no text begins with)
+    nothing_read = 1 if ids and ids[0] == tokenizer.bos_token_id else 0
+    limits, read = [], 0
+    for end, trailing in zip(anchor_ends, anchor_trailing):
+        if trailing:
+            limits.append(len(full_ids))
+            continue
+        while read < len(text_ends) and not special[first_text + read] and text_ends[read] <= end:
+            read += 1
+        limits.append(first_text + read if read else nothing_read)
     return limits
 
 
