@@ -105,7 +105,10 @@ def tiny_anchor_dir(tmp_path_factory):
 def test_the_pipeline_end_to_end_then_from_its_caches(tiny_anchor_dir, tmp_path, monkeypatch):
     import shutil
 
+    import dataclasses
+
     import lmcompose.demos.facts.pipeline as pipeline
+    from lmcompose.demos.jobs import run_jobs
 
     out = tmp_path / "out"
     shutil.copytree(tiny_anchor_dir, out / "anchor")
@@ -131,6 +134,14 @@ def test_the_pipeline_end_to_end_then_from_its_caches(tiny_anchor_dir, tmp_path,
     assert calls == [] and again["cached"] == {"augments": True, "rows": True}  # nothing trained the second time
     assert again["rows"] == rows
     assert json.loads((out / "results.json").read_text())["rows"] == rows
+
+    # another setting of the character-level augment retrains it and the one row built on it, nothing else
+    monkeypatch.setattr(pipeline, "run_jobs", lambda fn, jobs, workers: calls.append([j[0] for j in jobs])
+                        or run_jobs(fn, jobs, workers))
+    changed = pipeline.run_demo(str(out), progress=False, config=dataclasses.replace(tiny_config(), char_steps=2))
+    assert calls == [["char"], ["CALM (characters)"]]
+    assert {k: v for k, v in changed["rows"].items() if "characters" not in k} == \
+        {k: v for k, v in rows.items() if "characters" not in k}
 
 
 def test_an_interrupted_row_is_not_marked_done(tmp_path, monkeypatch):

@@ -74,3 +74,16 @@ AUGMENT_FIELDS = {
     "same": ("same_blocks", "same_trained_from", "same_steps", "same_lr", "same_rows", "same_length"),
     "char": ("char_layers", "char_hidden", "char_heads", "char_steps", "char_lr", "char_rows", "char_length"),
 }
+COMPOSE_FIELDS = ("compose_heads", "null_attention", "null_score", "compose_steps", "compose_lr", "compose_batch",
+                  "preserve_weight", "preserve_ratio", "preserve_length", "preserve_known")
+# What each trained row's training reads (besides the task and the seed): its cache key, so that changing one
+# augment's settings retrains only the rows built on it. The random augment has the same-tokenizer augment's
+# architecture (same_blocks); LoRA's rank matches that composition's parameter count.
+ROW_FIELDS = {
+    "CALM (same tokenizer)": (*AUGMENT_FIELDS["same"], "same_connections", *COMPOSE_FIELDS),
+    "CALM (characters)": (*AUGMENT_FIELDS["char"], "char_connections", *COMPOSE_FIELDS),
+    "CALM (random augment)": ("same_blocks", "same_connections", *COMPOSE_FIELDS),
+    "LoRA on SmolLM2": ("same_blocks", "same_connections", "compose_heads", "null_attention", "compose_batch",
+                        "baseline_steps", "lora_lr"),
+    "SmolLM2 fine-tuned on D_C": ("compose_batch", "baseline_steps", "finetune_lr"),
+}

@@ -1,9 +1,10 @@
 """The facts demo end to end: SmolLM2-135M composed with augments that know invented people, every row scored.
 
 An output directory holds ``demo.json`` (which demo it belongs to), ``anchor/`` (SmolLM2 saved from its GGUF once),
-``augments/<fingerprint>/`` (the two trained augments), ``rows/<fingerprint>/<row>/`` (each trained row, with
-``done.json`` when it finished) and the report (results.json, results.md, results.png). A second run, or one after an
-interruption, reuses every augment and row that finished.
+``augments/<fingerprint>/<kind>/`` (each trained augment under the hash of the settings it was trained with),
+``rows/<fingerprint>/<row>/`` (each trained row under the hash of what its training reads, with ``done.json`` when it
+finished) and the report (results.json, results.md, results.png). A second run, or one after an interruption, or
+one with other settings, reuses every augment and row whose settings did not change.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from ..jobs import run_jobs
 from ..output import demo_output
-from .config import AUGMENT_FIELDS, FactsPipelineConfig
+from .config import AUGMENT_FIELDS, ROW_FIELDS, FactsPipelineConfig
 from .rows import TRAINED_ROWS, row_folder_name, save_anchor, train_augment_job, train_row_job
 from .task import FactsTask
 
@@ -29,7 +30,8 @@ def prepare(config: FactsPipelineConfig, out: Path, log: Optional[Callable[[str]
     """The anchor, the augments and every trained row, each made unless a finished one is on disk.
 
     Returns:
-        {"folders": {anchor, augments, rows}, "seconds": {...}, "cached": {...}, "rows": {row: its done.json}}.
+        {"folders": {"anchor": folder, "augments": {kind: folder}, "rows": {row: folder}}, "seconds": {...},
+        "cached": {...}, "rows": {row: its done.json}}.
     """
     anchor_dir = out / "anchor"
     seconds: dict[str, float] = {}
@@ -37,26 +39,24 @@ def prepare(config: FactsPipelineConfig, out: Path, log: Optional[Callable[[str]
     if not anchor_dir.is_dir():
         save_anchor(anchor_dir)
         seconds["anchor (from GGUF)"] = round(time.time() - started, 1)
-    augments_dir = out / "augments" / config.fingerprint(*AUGMENT_FIELDS["same"], *AUGMENT_FIELDS["char"])
-    missing = [kind for kind in ("same", "char") if not (augments_dir / kind / "config.json").is_file()]
+    augments = {kind: out / "augments" / config.fingerprint(*AUGMENT_FIELDS[kind]) for kind in ("same", "char")}
+    missing = [kind for kind in augments if not (augments[kind] / kind / "config.json").is_file()]
     if missing:
         started = time.time()
-        augments_dir.mkdir(parents=True, exist_ok=True)
-        jobs = [(kind, config, str(anchor_dir), str(augments_dir), log is not None) for kind in missing]
+        jobs = [(kind, config, str(anchor_dir), str(augments[kind]), log is not None) for kind in missing]
         for kind, taken in zip(missing, run_jobs(train_augment_job, jobs, min(len(jobs), config.workers))):
             seconds[f"augment {kind}"] = round(taken, 1)
         seconds["augments (wall)"] = round(time.time() - started, 1)
-    rows_dir = out / "rows" / config.fingerprint(*(k for k in config.to_dict() if not k.startswith("eval_")
-                                                   and k not in ("ordinary_tokens", "threads", "workers")))
-    todo = [row for row in TRAINED_ROWS if not (rows_dir / row_folder_name(row) / "done.json").is_file()]
+    rows_dirs = {row: out / "rows" / config.fingerprint(*ROW_FIELDS[row]) / row_folder_name(row) for row in TRAINED_ROWS}
+    todo = [row for row in TRAINED_ROWS if not (rows_dirs[row] / "done.json").is_file()]
     if todo:
         started = time.time()
-        jobs = [(row, config, str(anchor_dir), str(augments_dir), str(rows_dir / row_folder_name(row)), log is not None)
-                for row in todo]
+        augment_dirs = {kind: str(folder) for kind, folder in augments.items()}
+        jobs = [(row, config, str(anchor_dir), augment_dirs, str(rows_dirs[row]), log is not None) for row in todo]
         run_jobs(train_row_job, jobs, min(len(jobs), config.workers))
         seconds["rows (wall)"] = round(time.time() - started, 1)
-    rows = {row: json.loads((rows_dir / row_folder_name(row) / "done.json").read_text()) for row in TRAINED_ROWS}
-    return {"folders": {"anchor": anchor_dir, "augments": augments_dir, "rows": rows_dir}, "seconds": seconds,
+    rows = {row: json.loads((rows_dirs[row] / "done.json").read_text()) for row in TRAINED_ROWS}
+    return {"folders": {"anchor": anchor_dir, "augments": augments, "rows": rows_dirs}, "seconds": seconds,
             "cached": {"augments": not missing, "rows": not todo}, "rows": rows}
 
 

@@ -133,11 +133,15 @@ def preservation_data(tokenizer: Any, length: int, known: float = 0.0, count: in
     return TokenizedDataset.from_token_ids(windows)
 
 
-def calm_model(name: str, config: FactsPipelineConfig, anchor: nn.Module, tokenizer: Any, augments_dir: Path
-               ) -> ComposedModel:
-    """The composed model of a CALM row (fresh connections, seeded): the trained augment, or a random one."""
+def calm_model(name: str, config: FactsPipelineConfig, anchor: nn.Module, tokenizer: Any,
+               augments: dict[str, Any]) -> ComposedModel:
+    """The composed model of a CALM row (fresh connections, seeded): the trained augment, or a random one.
+
+    Args:
+        augments: {kind: the folder its augment was saved in}.
+    """
     kind = "char" if name == "CALM (characters)" else "same"
-    augment, augment_tokenizer = load_augment(kind, augments_dir)
+    augment, augment_tokenizer = load_augment(kind, Path(augments[kind]))
     if name == "CALM (random augment)":  # the control: the same architecture, weights never trained on the facts
         torch.manual_seed(config.seed + 500)
         augment = augment.__class__(augment.config).eval()
@@ -148,9 +152,13 @@ def calm_model(name: str, config: FactsPipelineConfig, anchor: nn.Module, tokeni
     return ComposedModel(anchor, augment, composition, tokenizer=tokenizer, augment_tokenizer=augment_tokenizer)
 
 
-def train_row_job(name: str, config: FactsPipelineConfig, anchor_dir: str, augments_dir: str, row_dir: str,
+def train_row_job(name: str, config: FactsPipelineConfig, anchor_dir: str, augments: dict[str, str], row_dir: str,
                   progress: bool = False) -> dict[str, Any]:
-    """Train one row of :data:`TRAINED_ROWS` on D_C and save it to ``row_dir``; returns its seconds and figures."""
+    """Train one row of :data:`TRAINED_ROWS` on D_C and save it to ``row_dir``; returns its seconds and figures.
+
+    Args:
+        augments: {kind: the folder its augment was saved in}.
+    """
     torch.set_num_threads(config.threads)
     anchor, tokenizer = load_anchor(Path(anchor_dir))
     task, out = FactsTask(config.task), Path(row_dir)
@@ -158,7 +166,7 @@ def train_row_job(name: str, config: FactsPipelineConfig, anchor_dir: str, augme
     log = (lambda m: print(f"[{name}] {m}", flush=True)) if progress else None
     started = time.time()
     if name in CALM_ROWS:
-        model = calm_model(name, config, anchor, tokenizer, Path(augments_dir))
+        model = calm_model(name, config, anchor, tokenizer, augments)
         training = TrainingConfig(max_steps=config.compose_steps, batch_size=config.compose_batch,
                                   learning_rate=config.compose_lr, warmup_steps=max(1, config.compose_steps // 10),
                                   preserve_weight=config.preserve_weight, preserve_ratio=config.preserve_ratio,
@@ -172,7 +180,7 @@ def train_row_job(name: str, config: FactsPipelineConfig, anchor_dir: str, augme
         figures = {"trainable_params": sum(p.numel() for p in model.composition_parameters()),
                    "train_loss": result.train_loss}
     elif name in BASELINE_ROWS:
-        figures = _train_baseline(name, config, anchor, tokenizer, d_c, out, Path(augments_dir), log)
+        figures = _train_baseline(name, config, anchor, tokenizer, d_c, out, augments, log)
     else:
         raise ValueError(f"Unknown row {name!r}; expected one of {TRAINED_ROWS}")
     figures["train_seconds"] = round(time.time() - started, 1)
@@ -188,7 +196,7 @@ def lora_rank_for(model: nn.Module, budget: int) -> int:
 
 
 def _train_baseline(name: str, config: FactsPipelineConfig, anchor: nn.Module, tokenizer: Any, d_c: TokenizedDataset,
-                    out: Path, augments_dir: Path, log: Optional[Callable[[str], None]]) -> dict[str, Any]:
+                    out: Path, augments: dict[str, str], log: Optional[Callable[[str], None]]) -> dict[str, Any]:
     """LoRA on the anchor with CALM's parameter count, or every weight of the anchor, trained on D_C."""
     from ...io.collate import Collator
 
@@ -196,7 +204,7 @@ def _train_baseline(name: str, config: FactsPipelineConfig, anchor: nn.Module, t
     if name == "LoRA on SmolLM2":
         from peft import LoraConfig, get_peft_model
 
-        calm = calm_model("CALM (same tokenizer)", config, anchor, tokenizer, augments_dir)
+        calm = calm_model("CALM (same tokenizer)", config, anchor, tokenizer, augments)
         rank = lora_rank_for(anchor, sum(p.numel() for p in calm.composition_parameters()))
         torch.manual_seed(config.seed)
         model = get_peft_model(anchor, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=[

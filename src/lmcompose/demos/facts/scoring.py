@@ -12,7 +12,7 @@ from torch import nn
 from ...core.alignment import align_batch
 from ...model.composed import ComposedModel
 from .evaluation import arithmetic_items, fact_accuracy, ordinary_cost, ordinary_windows, skill_accuracy
-from .rows import BASELINE_ROWS, CALM_ROWS, load_anchor, load_augment, row_folder_name
+from .rows import BASELINE_ROWS, CALM_ROWS, load_anchor, load_augment
 from .task import DC_WORDINGS, UNSEEN_WORDINGS, FactsTask
 
 WORDINGS = {**DC_WORDINGS, **UNSEEN_WORDINGS}
@@ -48,16 +48,16 @@ def trained_models(prepared: dict[str, Any], anchor: nn.Module, tokenizer: Any) 
     folders, models = prepared["folders"], {}
     for row in CALM_ROWS:
         kind = "char" if row == "CALM (characters)" else "same"
-        augment, augment_tokenizer = load_augment(kind, folders["augments"])
+        augment, augment_tokenizer = load_augment(kind, folders["augments"][kind])
         if row == "CALM (random augment)":
             torch.manual_seed(prepared["config"].seed + 500)  # the very augment the row was trained with
             augment = augment.__class__(augment.config).eval()
-        models[row] = ComposedModel.from_composition(folders["rows"] / row_folder_name(row) / "run" / "composition",
+        models[row] = ComposedModel.from_composition(folders["rows"][row] / "run" / "composition",
                                                      anchor, augment, tokenizer=tokenizer,
                                                      augment_tokenizer=augment_tokenizer)
-    lora = PeftModel.from_pretrained(copy.deepcopy(anchor), folders["rows"] / row_folder_name(BASELINE_ROWS[0]) / "model")
+    lora = PeftModel.from_pretrained(copy.deepcopy(anchor), folders["rows"][BASELINE_ROWS[0]] / "model")
     models[BASELINE_ROWS[0]] = lora.merge_and_unload().eval()
-    finetuned = folders["rows"] / row_folder_name(BASELINE_ROWS[1]) / "model"
+    finetuned = folders["rows"][BASELINE_ROWS[1]] / "model"
     models[BASELINE_ROWS[1]] = AutoModelForCausalLM.from_pretrained(finetuned).eval()
     return models
 
@@ -83,7 +83,7 @@ def score_rows(config: Any, task: FactsTask, prepared: dict[str, Any],
 
     score("SmolLM2 alone", anchor, tokenizer)
     for kind, name in (("same", "augment alone (same tokenizer)"), ("char", "augment alone (characters)")):
-        augment, augment_tokenizer = load_augment(kind, prepared["folders"]["augments"])
+        augment, augment_tokenizer = load_augment(kind, prepared["folders"]["augments"][kind])
         score(name, augment, augment_tokenizer or tokenizer, skill=False)
     models = trained_models(prepared, anchor, tokenizer)
     for name, model in models.items():
