@@ -291,5 +291,6 @@ def test_a_character_level_augment_reads_what_each_prefix_tokenizes_to(tokenizer
         ids, special = augment_tokens(chars, whole[:end])
         texts = [k for k, s in enumerate(special) if not s]
         ids = ids[: texts[-1] + 1] if texts else ids[:1] if ids and ids[0] == chars.bos_token_id else []
-        expected.append(next((k for k, (a, b) in enumerate(zip(ids, full_ids)) if a != b), min(len(ids), len(full_ids))))
+        common = next((k for k, (a, b) in enumerate(zip(ids, full_ids)) if a != b), min(len(ids), len(full_ids)))
+        expected.append(common)
     assert settled_limits(chars, whole, ends, full_ids, anchor_trailing_specials(bpe, anchor_ids)) == expected

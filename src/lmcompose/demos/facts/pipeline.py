@@ -47,7 +47,8 @@ def prepare(config: FactsPipelineConfig, out: Path, log: Optional[Callable[[str]
         for kind, taken in zip(missing, run_jobs(train_augment_job, jobs, min(len(jobs), config.workers))):
             seconds[f"augment {kind}"] = round(taken, 1)
         seconds["augments (wall)"] = round(time.time() - started, 1)
-    rows_dirs = {row: out / "rows" / config.fingerprint(*ROW_FIELDS[row]) / row_folder_name(row) for row in TRAINED_ROWS}
+    rows_dirs = {row: out / "rows" / config.fingerprint(*ROW_FIELDS[row]) / row_folder_name(row)
+                 for row in TRAINED_ROWS}
     todo = [row for row in TRAINED_ROWS if not (rows_dirs[row] / "done.json").is_file()]
     if todo:
         started = time.time()
