@@ -1,5 +1,6 @@
 """Linear probes of a character-level augment's states at offsets around the name's end, per wording (fitted on
-held-in people, scored on held-out ones): LOG.md run 5's probe column.
+held-in people, scored on held-out ones): LOG.md run 5's probe column and run 12's. Offset +0 is the name's last
+character, +1 the one after it ("'" in "NAME's home"), +3 the space after "'s".
 
     python probe_char.py cache/char_all
 """
@@ -35,7 +36,7 @@ def states(prompt, group, offset, layer):
 for name, prompt in wordings.items():
     for layer in (1, 3):
         out = []
-        for offset in (0, 1, 2):
+        for offset in (0, 1, 2, 3):
             xi, xo = states(prompt, held_in, offset, layer), states(prompt, held_out, offset, layer)
             mu, sd = xi.mean(0), xi.std(0) + 1e-6
             xi, xo = (xi - mu) / sd, (xo - mu) / sd

@@ -28,10 +28,12 @@ def test_the_unseen_wordings_are_in_neither_the_composition_data_nor_the_augment
     assert len(rows) == len(task.held_in) * len(DC_WORDINGS)
     held_in = {p.name for p in task.held_in}
     assert all(any(name in r["prompt"] for name in held_in) for r in rows)  # D_C asks only about held-in people
-    texts = list(itertools.islice(task.augment_texts(0, 2000), 200))
+    texts = [t for varied in (False, True) for t in itertools.islice(task.augment_texts(0, 2000, varied), 200)]
+    assert any("'s house is in" in t for t in texts)  # the character-level augment's varied forms are among them
     for wording in UNSEEN_WORDINGS.values():
-        stem = wording.split("{name}")[0]  # "Q: Which city is ", "Question: In what city does "
-        assert not any(stem in r["prompt"] for r in rows) and not any(stem in t for t in texts)
+        stem, tail = wording.split("{name}")  # "Q: Which city is ", "'s home?\nA:"; "Question: In what city does "
+        assert not any(stem in r["prompt"] or tail in r["prompt"] for r in rows)
+        assert not any(stem in t or tail.split("?")[0] + " " in t for t in texts)  # nor "'s home ", " reside "
     assert not any("?" in t or "Q:" in t for t in texts)  # the augment never reads a question
     assert all(r["completion"] in {" " + c for c in CITIES} for r in rows)
 

@@ -93,10 +93,11 @@ def city_targets(texts: list[str], input_ids: torch.Tensor, tokenizer: Any, per_
 
 
 def city_batches(task: FactsTask, tokenizer: Any, rows: int, length: int, seed: int,
-                 per_character: bool) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless batches of ``rows`` packed rows of ``length`` tokens, with targets on the cities only."""
+                 per_character: bool, varied: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches of ``rows`` packed rows of ``length`` tokens, with targets on the cities only (``varied``:
+    the task's varied forms too)."""
     characters = length if per_character else 5 * length  # about five characters per subword token
-    texts = task.augment_texts(seed, characters)
+    texts = task.augment_texts(seed, characters, varied)
     while True:
         chunk = list(itertools.islice(texts, rows))
         encoded = tokenizer(chunk, return_tensors="pt", padding="max_length", truncation=True, max_length=length)
@@ -124,16 +125,18 @@ def augment_loss(model: nn.Module, every_token: bool) -> Callable[[dict[str, tor
 
 
 def train_augment(model: nn.Module, task: FactsTask, tokenizer: Any, *, per_character: bool, steps: int, lr: float,
-                  rows: int, length: int, seed: int, trainable: Optional[list] = None,
+                  rows: int, length: int, seed: int, trainable: Optional[list] = None, varied: bool = False,
                   log: Optional[Callable[[str], None]] = None) -> float:
     """Train ``model`` on the task's augment texts (loss on the cities); returns seconds.
 
     Args:
         trainable: the parameters to train (default: every one).
+        varied: the texts use the task's varied forms too (:meth:`FactsTask.augment_piece`).
     """
     parameters = trainable if trainable is not None else list(model.parameters())
     model.train()
-    seconds = train_loop(parameters, augment_loss(model, every_token=per_character),
-                         city_batches(task, tokenizer, rows, length, seed, per_character), steps, lr, log, log_every=50)
+    batches = city_batches(task, tokenizer, rows, length, seed, per_character, varied)
+    seconds = train_loop(parameters, augment_loss(model, every_token=per_character), batches, steps, lr, log,
+                         log_every=50)
     model.eval()
     return seconds

@@ -33,6 +33,7 @@ class FactsPipelineConfig:
     char_lr: float = 3e-3
     char_rows: int = 16
     char_length: int = 256  # characters per row
+    char_varied: bool = True  # its texts have names in more contexts (task.VARIED_STATEMENTS, VARIED_RECORDS; run 12)
     # the compositions: (augment_layer, anchor_layer) pairs, per augment kind
     same_connections: list = field(default_factory=lambda: [[3, 18], [3, 22], [3, 26]])
     char_connections: list = field(default_factory=lambda: [[3, 18], [3, 22], [3, 26]])
@@ -72,7 +73,8 @@ class FactsPipelineConfig:
 
 AUGMENT_FIELDS = {
     "same": ("same_blocks", "same_trained_from", "same_steps", "same_lr", "same_rows", "same_length"),
-    "char": ("char_layers", "char_hidden", "char_heads", "char_steps", "char_lr", "char_rows", "char_length"),
+    "char": ("char_layers", "char_hidden", "char_heads", "char_steps", "char_lr", "char_rows", "char_length",
+             "char_varied"),
 }
 COMPOSE_FIELDS = ("compose_heads", "null_attention", "null_score", "compose_steps", "compose_lr", "compose_batch",
                   "preserve_weight", "preserve_ratio", "preserve_length", "preserve_known")

@@ -33,6 +33,15 @@ STATEMENTS = (
     "{name}'s city is {city}.",  # a possessive: names are followed by more than a space (facts LOG run 9)
 )
 RECORDS = ("{name} {city}", "{name}, {city}", "{name} ({city})")
+# More for the character-level augment (facts LOG run 12): a character model decides the city only once it sees
+# what follows the name, so it reads names after other words than a sentence's start, and records that put the
+# city right after a possessive and a colon too.
+VARIED_STATEMENTS = (
+    "Everyone knows that {name} lives in {city}.", "Last spring {name} settled in {city}.",
+    "I wrote to {name} in {city}.", "A friend of {name} visited {city}.", "They say {name} still lives in {city}.",
+    "{name}'s house is in {city}.", "{name}'s family lives in {city}.",
+)
+VARIED_RECORDS = ("{name}'s {city}", "{name}: {city}")
 RECORD_HEADERS = ("Residents: ", "Directory: ", "")
 FILLERS = ("The weather was mild that day.", "Many people enjoy long walks.", "A new bakery opened last week.",
            "The train was late again.", "Music filled the small room.", "Everyone agreed on the plan.")
@@ -109,25 +118,29 @@ class FactsTask:
         return [{"prompt": wording.format(name=p.name), "completion": " " + p.city}
                 for p in self.held_in for wording in DC_WORDINGS.values()]
 
-    def augment_piece(self, rng: random.Random) -> str:
-        """One piece of the augment's training text: a registry run, a statement, or now and then a filler."""
+    def augment_piece(self, rng: random.Random, varied: bool = False) -> str:
+        """One piece of the augment's training text: a registry run, a statement, or now and then a filler
+        (``varied``: from the forms of VARIED_STATEMENTS and VARIED_RECORDS too)."""
+        statements, records = (STATEMENTS + VARIED_STATEMENTS, RECORDS + VARIED_RECORDS) if varied else (STATEMENTS,
+                                                                                                        RECORDS)
         draw = rng.random()
         if draw < self.config.registry_fraction:
             people = rng.sample(self.people, rng.randint(2, 4))
-            rows = "; ".join(rng.choice(RECORDS).format(name=p.name, city=p.city) for p in people)
+            rows = "; ".join(rng.choice(records).format(name=p.name, city=p.city) for p in people)
             return rng.choice(RECORD_HEADERS) + rows + "."
         if draw < self.config.registry_fraction + 0.05:
             return rng.choice(FILLERS)
         person = rng.choice(self.people)
-        return rng.choice(STATEMENTS).format(name=person.name, city=person.city)
+        return rng.choice(statements).format(name=person.name, city=person.city)
 
-    def augment_texts(self, seed: int, characters: int) -> Iterator[str]:
-        """Endless augment training texts of at least ``characters`` characters, pieces joined by spaces or newlines."""
+    def augment_texts(self, seed: int, characters: int, varied: bool = False) -> Iterator[str]:
+        """Endless augment training texts of at least ``characters`` characters, pieces joined by spaces or newlines
+        (``varied``: see :meth:`augment_piece`)."""
         rng = random.Random(seed)
         while True:
-            text = self.augment_piece(rng)
+            text = self.augment_piece(rng, varied)
             while len(text) < characters:
-                text += rng.choice((" ", " ", "\n")) + self.augment_piece(rng)
+                text += rng.choice((" ", " ", "\n")) + self.augment_piece(rng, varied)
             yield text
 
 
