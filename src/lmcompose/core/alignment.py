@@ -130,7 +130,8 @@ def settled_limits(
         known: limits computed before for a prefix of the anchor tokens (decoding: the text only grew), against
             augment ids whose first ``unchanged`` agree with ``full_ids``. A known limit below ``unchanged`` stays
             (it stopped where the augment's tokens of its prefix differ, and those did not move); the others are
-            computed again, so a decoding step costs the new tokens' work, not the whole sequence's.
+            computed again, so a decoding step costs the new tokens' work, not the whole sequence's. A
+            character-level augment needs neither: one tokenization of ``text`` gives every limit.
     """
     if isolates_characters(tokenizer):
         return _character_limits(tokenizer, text, anchor_ends, full_ids, anchor_trailing)

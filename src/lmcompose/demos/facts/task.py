@@ -121,8 +121,9 @@ class FactsTask:
     def augment_piece(self, rng: random.Random, varied: bool = False) -> str:
         """One piece of the augment's training text: a registry run, a statement, or now and then a filler
         (``varied``: from the forms of VARIED_STATEMENTS and VARIED_RECORDS too)."""
-        statements, records = (STATEMENTS + VARIED_STATEMENTS, RECORDS + VARIED_RECORDS) if varied else (STATEMENTS,
-                                                                                                        RECORDS)
+        statements, records = STATEMENTS, RECORDS
+        if varied:
+            statements, records = STATEMENTS + VARIED_STATEMENTS, RECORDS + VARIED_RECORDS
         draw = rng.random()
         if draw < self.config.registry_fraction:
             people = rng.sample(self.people, rng.randint(2, 4))
