@@ -3,15 +3,22 @@ run 12, last table). DEMO is a facts demo output whose augments are trained (the
 
     python char_steps.py STEPS OUT DEMO
 """
-import dataclasses, json, sys, time
+import argparse
+import dataclasses, json, time
 from pathlib import Path
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("steps", type=int, help="composition steps")
+p.add_argument("out", type=Path, help="where the row is trained")
+p.add_argument("demo", type=Path, help="the facts demo output holding the trained augments")
+args = p.parse_args()
 import torch
 from lmcompose.demos.facts.config import AUGMENT_FIELDS, FactsPipelineConfig
 from lmcompose.demos.facts.rows import load_anchor, load_augment, train_row_job
 from lmcompose.demos.facts.scoring import fact_columns
 from lmcompose.demos.facts.task import FactsTask
 from lmcompose.model.composed import ComposedModel
-steps, out, demo = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+steps, out, demo = args.steps, args.out, args.demo
 config = dataclasses.replace(FactsPipelineConfig(threads=2), compose_steps=steps)
 augments = {"same": str(demo / "augments" / config.fingerprint(*AUGMENT_FIELDS["same"])),
             "char": str(demo / "augments" / config.fingerprint(*AUGMENT_FIELDS["char"]))}
