@@ -76,16 +76,19 @@ AUGMENT_FIELDS = {
     "char": ("char_layers", "char_hidden", "char_heads", "char_steps", "char_lr", "char_rows", "char_length",
              "char_varied"),
 }
-COMPOSE_FIELDS = ("compose_heads", "null_attention", "null_score", "compose_steps", "compose_lr", "compose_batch",
-                  "preserve_weight", "preserve_ratio", "preserve_length", "preserve_known")
-# What each trained row's training reads (besides the task and the seed): its cache key, so that changing one
-# augment's settings retrains only the rows built on it. The random augment has the same-tokenizer augment's
-# architecture (same_blocks); LoRA's rank matches that composition's parameter count.
-ROW_FIELDS = {
-    "CALM (same tokenizer)": (*AUGMENT_FIELDS["same"], "same_connections", *COMPOSE_FIELDS),
-    "CALM (characters)": (*AUGMENT_FIELDS["char"], "char_connections", *COMPOSE_FIELDS),
-    "CALM (random augment)": ("same_blocks", "same_connections", *COMPOSE_FIELDS),
-    "LoRA on SmolLM2": ("same_blocks", "same_connections", "compose_heads", "null_attention", "compose_batch",
-                        "baseline_steps", "lora_lr"),
-    "SmolLM2 fine-tuned on D_C": ("compose_batch", "baseline_steps", "finetune_lr"),
-}
+# The settings of each augment kind, its connections included; and the augments each trained row is built on. A
+# row's cache key hashes every setting but the scoring's and the process layout's, less those of the augments
+# it is not built on: changing one augment retrains it and its rows only, and a new setting counts for every row
+# until it is known not to. The random augment has the same-tokenizer augment's architecture; LoRA's rank matches
+# that composition's parameter count.
+KIND_FIELDS = {kind: (*fields, f"{kind}_connections") for kind, fields in AUGMENT_FIELDS.items()}
+ROW_AUGMENTS = {"CALM (same tokenizer)": ("same",), "CALM (characters)": ("char",),
+                "CALM (random augment)": ("same",), "LoRA on SmolLM2": ("same",), "SmolLM2 fine-tuned on D_C": ()}
+RUN_FIELDS = ("ordinary_tokens", "skill_items", "threads", "workers")  # how the demo scores and runs, not training
+
+
+def row_fields(config: FactsPipelineConfig, row: str) -> tuple[str, ...]:
+    """The settings that key ``row``'s cache (see ROW_AUGMENTS)."""
+    others = {f for kind, fields in KIND_FIELDS.items() if kind not in ROW_AUGMENTS[row] for f in fields}
+    return tuple(f for f in config.to_dict() if f not in ("task", "seed") and not f.startswith("eval_")
+                 and f not in RUN_FIELDS and f not in others)

@@ -19,7 +19,7 @@ import torch
 
 from ..jobs import run_jobs
 from ..output import demo_output
-from .config import AUGMENT_FIELDS, ROW_FIELDS, FactsPipelineConfig
+from .config import AUGMENT_FIELDS, FactsPipelineConfig, row_fields
 from .rows import TRAINED_ROWS, row_folder_name, save_anchor, train_augment_job, train_row_job
 from .task import FactsTask
 
@@ -47,7 +47,7 @@ def prepare(config: FactsPipelineConfig, out: Path, log: Optional[Callable[[str]
         for kind, taken in zip(missing, run_jobs(train_augment_job, jobs, min(len(jobs), config.workers))):
             seconds[f"augment {kind}"] = round(taken, 1)
         seconds["augments (wall)"] = round(time.time() - started, 1)
-    rows_dirs = {row: out / "rows" / config.fingerprint(*ROW_FIELDS[row]) / row_folder_name(row)
+    rows_dirs = {row: out / "rows" / config.fingerprint(*row_fields(config, row)) / row_folder_name(row)
                  for row in TRAINED_ROWS}
     todo = [row for row in TRAINED_ROWS if not (rows_dirs[row] / "done.json").is_file()]
     if todo:
