@@ -124,10 +124,11 @@ def byte_bpe_tokenizer(vocab_size: int = 300):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def unicode_char_tokenizer():
+def unicode_char_tokenizer(template=None):
     """A character-level tokenizer (a per-character pre-tokenizer, as alignment recognises) over CORPUS' characters
-    (multi-byte ones included), no BOS, with <unk> for others."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    (multi-byte ones included), with <unk> for others; no BOS, or with ``template`` the special tokens it places
+    (e.g. "<s> $A </s>"; <s> takes the last id)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     chars = sorted(set("".join(CORPUS)) | set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:+-=!?"))
@@ -137,4 +138,10 @@ def unicode_char_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    if template is None:
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    tok.add_special_tokens(["<s>"])
+    tok.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[("<s>", tok.token_to_id("<s>")), ("</s>", vocab["</s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")

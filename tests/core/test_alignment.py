@@ -259,21 +259,6 @@ def test_a_retokenizing_cache_repeats_selects_and_crops_in_step(tokenizers):
     assert cache.in_step()
 
 
-def _char_tokenizer_with(single):
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for c in sorted(set("".join(TEXTS))):
-        vocab.setdefault(c, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=[("<s>", 1), ("</s>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-
-
 @pytest.mark.parametrize("single", ["<s> $A", "$A </s>", "<s> $A </s>", "$A"])
 @pytest.mark.parametrize("text", TEXTS)
 def test_a_character_level_augment_reads_what_each_prefix_tokenizes_to(tokenizers, single, text):
@@ -282,7 +267,7 @@ def test_a_character_level_augment_reads_what_each_prefix_tokenizes_to(tokenizer
     from lmcompose.core.alignment import anchor_trailing_specials, augment_tokens, settled_limits
 
     bpe, _ = tokenizers
-    chars = _char_tokenizer_with(single)
+    chars = unicode_char_tokenizer(template=single)
     anchor_ids = bpe(text)["input_ids"]
     whole, ends = anchor_token_ends(bpe, anchor_ids)
     full_ids, _ = augment_tokens(chars, whole)
