@@ -159,3 +159,26 @@ def test_an_interrupted_row_is_not_marked_done(tmp_path, monkeypatch):
     with pytest.raises(InterruptedError, match="stopped by SIGTERM at step 3 of 150; run the demo again"):
         rows.train_row_job(rows.CALM_ROWS[0], FactsPipelineConfig(), "anchor", "augments", str(tmp_path / "row"))
     assert not (tmp_path / "row" / "done.json").exists()
+
+
+def test_the_character_level_row_takes_its_own_composition_steps(tmp_path, monkeypatch):
+    import lmcompose.demos.facts.rows as rows
+    from lmcompose.demos.facts.config import compose_steps, row_fields
+    from lmcompose.train.run_state import TrainingResult
+
+    trained = {}
+    monkeypatch.setattr(rows, "load_anchor", lambda folder: (None, None))
+    monkeypatch.setattr(rows, "composition_data", lambda task, tokenizer: [])
+    monkeypatch.setattr(rows, "preservation_data", lambda *args, **kwargs: [])
+    monkeypatch.setattr(rows, "calm_model", lambda name, *args: name)
+    monkeypatch.setattr(rows, "train", lambda model, *args, **kwargs: trained.setdefault(model, args[2].max_steps)
+                        and TrainingResult(step=1, train_loss=1.0, interrupted="SIGTERM"))
+    config = FactsPipelineConfig(compose_steps=150, char_compose_steps=7)
+    for row in rows.CALM_ROWS:
+        with pytest.raises(InterruptedError):
+            rows.train_row_job(row, config, "anchor", {}, str(tmp_path / rows.row_folder_name(row)))
+    assert trained == {"CALM (same tokenizer)": 150, "CALM (characters)": 7, "CALM (random augment)": 150}
+    # a cache key of its own: the character-level row's only
+    keyed = {row: "char_compose_steps" in row_fields(config, row) for row in rows.TRAINED_ROWS}
+    assert keyed == {row: row == "CALM (characters)" for row in rows.TRAINED_ROWS}
+    assert compose_steps(FactsPipelineConfig(compose_steps=150), "CALM (characters)") == 150  # unset: the rows' steps

@@ -41,6 +41,7 @@ class FactsPipelineConfig:
     null_attention: bool = True  # a connection can add nothing (beyond the paper)
     null_score: float = 4.0  # the null key's starting score over the average key's (runs 8, 9)
     compose_steps: int = 150
+    char_compose_steps: Optional[int] = None  # the character-level row's steps; None: compose_steps
     compose_lr: float = 1e-3
     compose_batch: int = 16
     preserve_weight: float = 1.0  # KL from SmolLM2 on ordinary text, added to the loss (beyond the paper)
@@ -81,10 +82,18 @@ AUGMENT_FIELDS = {
 # it is not built on: changing one augment retrains it and its rows only, and a new setting counts for every row
 # until it is known not to. The random augment has the same-tokenizer augment's architecture; LoRA's rank matches
 # that composition's parameter count.
-KIND_FIELDS = {kind: (*fields, f"{kind}_connections") for kind, fields in AUGMENT_FIELDS.items()}
+COMPOSE_FIELDS = {"same": ("same_connections",), "char": ("char_connections", "char_compose_steps")}
+KIND_FIELDS = {kind: (*fields, *COMPOSE_FIELDS[kind]) for kind, fields in AUGMENT_FIELDS.items()}
 ROW_AUGMENTS = {"CALM (same tokenizer)": ("same",), "CALM (characters)": ("char",),
                 "CALM (random augment)": ("same",), "LoRA on SmolLM2": ("same",), "SmolLM2 fine-tuned on D_C": ()}
 RUN_FIELDS = ("ordinary_tokens", "skill_items", "threads", "workers")  # how the demo scores and runs, not training
+
+
+def compose_steps(config: FactsPipelineConfig, row: str) -> int:
+    """The composition steps of the CALM row ``row``."""
+    if "char" in ROW_AUGMENTS[row] and config.char_compose_steps is not None:
+        return config.char_compose_steps
+    return config.compose_steps
 
 
 def row_fields(config: FactsPipelineConfig, row: str) -> tuple[str, ...]:

@@ -22,7 +22,7 @@ from ...model.composed import ComposedModel
 from ...train import TrainingConfig, train
 from ...train.base_training import train_loop
 from .augments import char_model, char_tokenizer, first_blocks, train_augment
-from .config import FactsPipelineConfig
+from .config import FactsPipelineConfig, compose_steps
 from .task import DC_WORDINGS, KNOWN_PEOPLE, FactsTask
 
 CALM_ROWS = ("CALM (same tokenizer)", "CALM (characters)", "CALM (random augment)")
@@ -167,8 +167,9 @@ def train_row_job(name: str, config: FactsPipelineConfig, anchor_dir: str, augme
     started = time.time()
     if name in CALM_ROWS:
         model = calm_model(name, config, anchor, tokenizer, augments)
-        training = TrainingConfig(max_steps=config.compose_steps, batch_size=config.compose_batch,
-                                  learning_rate=config.compose_lr, warmup_steps=max(1, config.compose_steps // 10),
+        steps = compose_steps(config, name)
+        training = TrainingConfig(max_steps=steps, batch_size=config.compose_batch,
+                                  learning_rate=config.compose_lr, warmup_steps=max(1, steps // 10),
                                   preserve_weight=config.preserve_weight, preserve_ratio=config.preserve_ratio,
                                   eval_generate=False, progress_bar=progress, seed=config.seed, cpu=True)
         result = train(model, d_c, None, training, out / "run", tokenizer=tokenizer, resume=True,
@@ -176,7 +177,7 @@ def train_row_job(name: str, config: FactsPipelineConfig, anchor_dir: str, augme
                                                           seed=config.seed))
         if result.interrupted:  # never a done.json for a row that did not finish: the next run resumes it
             raise InterruptedError(f"{name}: stopped by {result.interrupted} at step {result.step} of "
-                                   f"{config.compose_steps}; run the demo again to continue from its checkpoint")
+                                   f"{steps}; run the demo again to continue from its checkpoint")
         figures = {"trainable_params": sum(p.numel() for p in model.composition_parameters()),
                    "train_loss": result.train_loss}
     elif name in BASELINE_ROWS:
