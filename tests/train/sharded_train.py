@@ -1,6 +1,7 @@
 """Run by tests/train/test_sharding.py under torchrun: `lmcompose train`, reporting what each rank holds.
 
-Each rank writes OUT/rank{r}.json: the bytes of the bases' parameters it holds before and after sharding. With
+Each rank writes OUT/rank{r}.json: the bytes of the bases' parameters it holds before and after sharding, and
+whether it built them empty. With
 ``--kill-after-step K`` rank 1 SIGKILLs itself once step K is done (its checkpoint written, if one was due).
 Usage: torchrun ... sharded_train.py OUT [--kill-after-step K] -- <lmcompose train arguments>
 """
@@ -35,6 +36,9 @@ def bases_bytes(model):
 
 def spy(model, device, processes):
     report["bases_bytes_before"] = bases_bytes(model)
+    report["bases_empty_before"] = sharding.bases_empty(model)
+    report["whole_bytes"] = sum(p.numel() * p.element_size() for m in (model.anchor, *model.augments)
+                                for p in (*m.parameters(), *m.buffers()))
     report["augment_blocks_run"] = [0] * len(introspect.decoder_blocks(model.augments[0]))
     for i, block in enumerate(introspect.decoder_blocks(model.augments[0])):
         block.register_forward_pre_hook(lambda *_, i=i: report["augment_blocks_run"].__setitem__(

@@ -20,13 +20,15 @@ from .options import DEMO_OUTPUTS, CliError, build_parser, config_from, parse_op
 __all__ = ["CliError", "build_parser", "main", "parse_options", "run_demo", "run_eval", "run_generate", "run_train"]
 
 
-def _load(opts: argparse.Namespace) -> tuple[Any, Any, list, list]:
+def _load(opts: argparse.Namespace, empty: bool = False) -> tuple[Any, Any, list, list]:
     """The bases named by the flags: (anchor, its tokenizer, augments, their tokenizers).
 
-    An augment's tokenizer is the one beside its model unless ``--augment-tokenizer`` names another.
+    An augment's tokenizer is the one beside its model unless ``--augment-tokenizer`` names another. ``empty``:
+    the bases' architectures only, their weights to come from rank 0 (``io.bases.load_base(empty=True)``).
     """
-    from ..io.bases import load_base, load_tokenizer
+    from ..io.bases import load_base as load_whole, load_tokenizer
 
+    load_base = functools.partial(load_whole, empty=True) if empty else load_whole
     trust = bool(opts.trust_remote_code)
     named = list(opts.augment_tokenizer or [])
     if len(named) > len(opts.augment):
@@ -80,7 +82,9 @@ def run_train(opts: argparse.Namespace) -> int:
     from ..train.sharding import check_sharding, launched_processes
 
     check_sharding(config_from(TrainingConfig, opts), launched_processes())  # before any model loads
-    anchor, tokenizer, augments, augment_tokenizers = _load(opts)
+    # sharded: the ranks but 0 build the bases empty and receive their shards from rank 0 (train/sharding.py)
+    empty = opts.sharding != "none" and not is_main_launch()
+    anchor, tokenizer, augments, augment_tokenizers = _load(opts, empty=empty)
     composition = config_from(CompositionConfig, opts)
     set_seed(opts.seed)  # the seed decides the initial connection weights too: a run is a function of its options
     model = ComposedModel(anchor, augments, composition, tokenizer=tokenizer, augment_tokenizer=augment_tokenizers,

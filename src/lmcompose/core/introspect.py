@@ -165,10 +165,13 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+EMPTY_ON = "lmcompose_empty_on"  # on each module of a model built without its weights: the device they will fill
+
+
 def execution_device(module: nn.Module, name: str = "module") -> torch.device:
     """Where ``module`` computes: the execution device accelerate's hook gives it (a module dispatched with a
-    ``device_map``, its weights maybe offloaded to CPU or disk), else the device of its first weight not on the meta
-    device.
+    ``device_map``, its weights maybe offloaded to CPU or disk), the device a model built empty will be filled on
+    (``EMPTY_ON``), else the device of its first weight not on the meta device.
 
     Raises:
         ValueError: every weight is on the meta device and no hook brings them anywhere (``name`` says which).
@@ -178,6 +181,8 @@ def execution_device(module: nn.Module, name: str = "module") -> torch.device:
         device = getattr(hook, "execution_device", None)
         if device is not None:
             return torch.device(device)
+        if getattr(part, EMPTY_ON, None) is not None:  # io.bases.load_base(empty=True); filled when it is sharded
+            return torch.device(getattr(part, EMPTY_ON))
         for tensor in (*part.parameters(recurse=False), *part.buffers(recurse=False)):
             if tensor.device.type != "meta":
                 return tensor.device

@@ -34,7 +34,7 @@ def smollm2_gguf() -> Any:
 
 
 def load_base(
-    path: Any, dtype: Any = None, trust_remote_code: bool = False, with_tokenizer: bool = True
+    path: Any, dtype: Any = None, trust_remote_code: bool = False, with_tokenizer: bool = True, empty: bool = False
 ) -> tuple[nn.Module, Any]:
     """Load a base causal LM and its tokenizer (in eval mode), never from the network.
 
@@ -47,6 +47,9 @@ def load_base(
         trust_remote_code: allow a model directory's own Python code; off unless asked for.
         with_tokenizer: load the tokenizer beside the model; False when it comes from elsewhere
             (a model directory then needs no tokenizer files).
+        empty: build the architecture only, its parameters on the meta device (no weight is read; buffers
+            the model computes itself are real; tied weights tied), for the ranks of a sharded run but the
+            first, which are filled from rank 0 as the model is sharded (``train.sharding.shard_model``).
     Returns:
         (model, tokenizer); the tokenizer is None with ``with_tokenizer=False``.
     """
@@ -58,6 +61,10 @@ def load_base(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"No model at {path}: the path does not exist")
+    if empty:
+        model = _empty_model(path, dtype, trust_remote_code)
+        model.config._name_or_path = source if source == SMOLLM2_NAME else str(path)  # as a loaded one says
+        return model, (load_tokenizer(source, trust_remote_code) if with_tokenizer else None)
     if path.is_file() and path.suffix == ".gguf":
         model, tokenizer = _load_gguf(path, dtype)
         model.config._name_or_path = source  # what load_base reads again (the folder alone would not load)
@@ -65,6 +72,33 @@ def load_base(
     if not path.is_dir():
         raise ValueError(f"{path} is not a model directory (a directory written by save_pretrained) or a .gguf file")
     return _load_transformers_dir(path, dtype, trust_remote_code, with_tokenizer)
+
+
+def _empty_model(path: Any, dtype: Any, trust_remote_code: bool) -> nn.Module:
+    """The causal LM saved at ``path`` (a model directory or a GGUF file) with its parameters on the meta device."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..core.introspect import EMPTY_ON
+
+    gguf = path.is_file() and path.suffix == ".gguf"
+    if not gguf and not (path.is_dir() and (path / "config.json").is_file()):
+        raise FileNotFoundError(f"{path} holds no transformers model (no config.json) and is not a .gguf file")
+    try:
+        if gguf:
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+        else:
+            config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{path}: cannot read a model config ({str(err).splitlines()[0]})") from err
+    # the dtype a full load gives: GGUF dequantises to float32, a directory keeps its saved dtype
+    dtype = dtype or (torch.float32 if gguf else getattr(config, "dtype", None) or torch.float32)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()
+    for module in model.modules():
+        setattr(module, EMPTY_ON, "cpu")
+    return model.eval()
 
 
 def _load_gguf(path: Any, dtype: Any) -> tuple[nn.Module, Any]:

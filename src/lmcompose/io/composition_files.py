@@ -185,9 +185,14 @@ def load_composition(
     augment: Union[nn.Module, Sequence[nn.Module]],
     *,
     strict: bool = True,
+    fingerprints: Optional[tuple[dict[str, Any], list[dict[str, Any]]]] = None,
     **kwargs: Any,
 ) -> Any:
-    """Build ``cls(anchor, augment, config)`` from a saved composition and load its weights."""
+    """Build ``cls(anchor, augment, config)`` from a saved composition and load its weights.
+
+    ``fingerprints`` (the anchor's and the augments') stand in for reading them from the bases, when they were read
+    elsewhere: by rank 0 of a sharded run whose other ranks hold the bases empty until they are sharded.
+    """
     path = Path(path)
     meta = read_metadata(path)
     augments = list(augment) if isinstance(augment, (list, tuple)) else [augment]
@@ -195,10 +200,12 @@ def load_composition(
         raise CompositionMismatchError(
             f"{path} composes {len(meta['augments'])} augment model(s) but {len(augments)} were given"
         )
-    errors, notes = compare_fingerprints(meta["anchor"], introspect.fingerprint(anchor), "anchor")
-    for a, (saved, model) in enumerate(zip(meta["augments"], augments)):
+    if fingerprints is None:
+        fingerprints = introspect.fingerprint(anchor), [introspect.fingerprint(m) for m in augments]
+    errors, notes = compare_fingerprints(meta["anchor"], fingerprints[0], "anchor")
+    for a, (saved, current) in enumerate(zip(meta["augments"], fingerprints[1])):
         role = "augment" if len(augments) == 1 else f"augment {a}"
-        e, n = compare_fingerprints(saved, introspect.fingerprint(model), role)
+        e, n = compare_fingerprints(saved, current, role)
         errors += e
         notes += n
     if errors:

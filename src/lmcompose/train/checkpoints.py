@@ -262,8 +262,11 @@ def verify_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
 def restore_composition(
     model: Any, checkpoint: Path, config: TrainingConfig, data_sha: str, num_examples: int, num_processes: int = 1,
     total_steps: Optional[int] = None, batches_per_epoch: Optional[int] = None,
+    fingerprints: Optional[tuple[dict[str, Any], list[dict[str, Any]]]] = None,
 ) -> dict[str, Any]:
     """Load the composition of ``checkpoint`` into ``model`` after checking it belongs to this run.
+
+    ``fingerprints``: the bases' fingerprints when read elsewhere (see ``load_composition``).
 
     Returns:
         the checkpoint's other files, as :func:`load_checkpoint_files` reads them.
@@ -294,7 +297,7 @@ def restore_composition(
         raise DamagedCheckpointError(
             f"{checkpoint}: step {state['step']} of {total_steps}, batch {state['position']} of an epoch of "
             f"{batches_per_epoch}: the checkpoint does not fit this run's data and length")
-    saved = ComposedModel.from_composition(checkpoint, model.anchor, list(model.augments))
+    saved = ComposedModel.from_composition(checkpoint, model.anchor, list(model.augments), fingerprints=fingerprints)
     differences = composition_differences(saved, model)
     if differences:
         raise ValueError(f"Cannot resume from {checkpoint}: its composition differs from the model's "

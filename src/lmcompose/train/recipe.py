@@ -93,9 +93,10 @@ class Recipe:
         self.wrapped = self.model if sharded else engine.prepare_model(self.accelerator, self.model)
         self._setup_data()
         self._setup_schedule()
+        if sharded:  # read where the bases are whole (rank 0; the others may hold them empty, see sharding.py)
+            self.metadata = sharding.main_rank_metadata(self.model, composition_metadata)
         files = self._restore_composition() if self.start_from is not None else None
-        if sharded:  # after the composition is restored and the fingerprints are read: both need whole weights
-            self.metadata = composition_metadata(self.model)
+        if sharded:  # after the composition is restored, into whole connections
             self.wrapped = sharding.shard_model(self.model, self.accelerator.device, self.accelerator.num_processes)
         self._setup_optimizer()
         self.state.nonfinite = torch.zeros((), dtype=torch.bool, device=self.accelerator.device)
@@ -179,8 +180,9 @@ class Recipe:
 
     def _restore_composition(self) -> dict[str, Any]:
         """Load ``start_from``'s composition into the model (checked against this run); its other files."""
+        fingerprints = (self.metadata["anchor"], self.metadata["augments"]) if self.metadata is not None else None
         return restore_composition(self.model, self.start_from, self.config, self.data_sha, len(self.train_dataset),
-                                   self.accelerator.num_processes, self.total_steps, len(self.loader))
+                                   self.accelerator.num_processes, self.total_steps, len(self.loader), fingerprints)
 
     def _restore_training(self, files: dict[str, Any]) -> None:
         """Continue from ``start_from``: optimiser, scheduler, RNG states and the data position."""

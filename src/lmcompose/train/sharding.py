@@ -7,14 +7,19 @@ the anchor's backward, then freed), each connection another (its gradients reduc
 holds the rest (embeddings, norms, heads). A rank keeps 1/N of every base tensor between uses.
 
 What the recipe writes stays what a single process writes: the composition and the optimiser state are gathered
-to full tensors (every rank takes part, rank 0 writes), and a resumed run scatters them back. The fingerprints
-of the bases are read before the model is sharded, when every weight is whole.
+to full tensors (every rank takes part, rank 0 writes), and a resumed run scatters them back.
+
+Only rank 0 needs the bases whole. The other ranks may build them empty (``io.bases.load_base(empty=True)``:
+parameters on the meta device, no weight read), as ``lmcompose train --sharding fsdp2`` does: the bases'
+fingerprints are read on rank 0 and broadcast, and as the model is sharded each empty rank receives its part of
+every tensor from rank 0, one tensor at a time (torch's ``set_model_state_dict`` with ``broadcast_from_rank0``).
+A rank other than 0 then never holds more than its shard and one tensor in flight.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -47,14 +52,46 @@ def check_sharding(config: Any, processes: int) -> None:
                          "alone): drop --cache-augment-states")
 
 
+def bases_empty(model: Any) -> bool:
+    """Whether every parameter of ``model``'s bases is on the meta device, built empty to be filled from rank 0."""
+    return all(getattr(base, introspect.EMPTY_ON, None) is not None and all(p.device.type == "meta"
+                                                                            for p in base.parameters())
+               for base in (model.anchor, *model.augments))
+
+
+def _empty_ranks(model: Any) -> list[bool]:
+    """Per rank, whether it holds the bases empty; refuses a rank 0 that does (it is where they are read)."""
+    import torch.distributed as dist
+
+    empty = [False] * dist.get_world_size()
+    dist.all_gather_object(empty, bases_empty(model))
+    if empty[0]:
+        raise ValueError("rank 0 of a sharded run holds the bases empty (load_base(empty=True)), and the other ranks "
+                         "are filled from its weights: load them whole on rank 0")
+    return empty
+
+
+def main_rank_metadata(model: Any, read: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+    """``read(model)`` (the composition's JSON, fingerprints of the bases included) as rank 0 computes it, on every
+    rank: the other ranks may hold the bases empty. Every rank must call it."""
+    import torch.distributed as dist
+
+    _empty_ranks(model)
+    box = [read(model) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def shard_model(model: Any, device: torch.device, processes: int) -> Any:
     """Shard ``model`` (a ComposedModel, in place) with FSDP2 over ``processes`` ranks on ``device``'s type.
 
     Units: every decoder block of the anchor and of each augment, every connection (its ``project`` runs outside
-    ``forward``, so it is registered as a forward method too), and the root. Returns the model.
+    ``forward``, so it is registered as a forward method too), and the root. Ranks holding the bases empty
+    (:func:`bases_empty`) get their shards from rank 0's whole bases. Returns the model.
     """
     import warnings
 
+    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
@@ -62,7 +99,11 @@ def shard_model(model: Any, device: torch.device, processes: int) -> Any:
     # (hooks.residual_updates), which keeps FSDP2's backward hook, so its warning about in-place ops does not apply
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPCrossAttention\) returned a view tensor")
     mesh = init_device_mesh(device.type, (processes,))
-    for base in (model.anchor, *model.augments):
+    empty = _empty_ranks(model)
+    bases = (model.anchor, *model.augments)
+    # rank 0's whole tensors, kept through sharding (which frees what it does not keep) to fill the empty ranks
+    whole = [dict(base.state_dict()) for base in bases] if any(empty) and dist.get_rank() == 0 else None
+    for base in bases:
         for block in introspect.decoder_blocks(base):
             fully_shard(block, mesh=mesh)
     for connections in model.connections:
@@ -70,7 +111,25 @@ def shard_model(model: Any, device: torch.device, processes: int) -> Any:
             fully_shard(connection, mesh=mesh)
             register_fsdp_forward_method(connection, "project")
     fully_shard(model, mesh=mesh)
+    if any(empty):
+        _fill_from_main_rank(bases, whole, device, empty[dist.get_rank()])
     return model
+
+
+def _fill_from_main_rank(bases: tuple, whole: Optional[list[dict[str, Any]]], device: torch.device,
+                         empty: bool) -> None:
+    """Every sharded base's parameters set to rank 0's ``whole`` ones, each rank keeping its shards; a rank that
+    holds them empty allocates its shards first. Every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    for b, base in enumerate(bases):
+        if empty:  # allocate the shards; the buffers the model computed when built (rotary tables) are kept
+            buffers = {name: buffer.clone() for name, buffer in base.named_buffers()}
+            base.to_empty(device=device)
+            for name, buffer in base.named_buffers():
+                buffer.copy_(buffers[name])
+        set_model_state_dict(base, whole[b] if whole is not None else {}, options=options)
 
 
 def is_sharded(tensor: Any) -> bool:
@@ -118,5 +177,7 @@ def local_bytes(module: Any) -> int:
     total = 0
     for tensor in (*module.parameters(), *module.buffers()):
         local = tensor.to_local() if is_sharded(tensor) else tensor
+        if local.device.type == "meta":  # built empty: nothing held
+            continue
         total += local.numel() * local.element_size()
     return total
