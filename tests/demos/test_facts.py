@@ -81,7 +81,8 @@ def tiny_config() -> FactsPipelineConfig:
     return FactsPipelineConfig(
         task=FactsTaskConfig(num_people=40, held_in_fraction=0.3), same_blocks=2, same_steps=3, same_rows=2,
         same_length=16, char_layers=1, char_hidden=32, char_heads=2, char_steps=3, char_rows=2, char_length=32,
-        same_connections=[[1, 1], [1, 3]], char_connections=[[0, 2]], compose_steps=2, compose_batch=4,
+        same_connections=[[1, 1], [1, 3]], char_connections=[[0, 2]], compose_steps=2, char_compose_steps=2,
+        compose_batch=4,
         baseline_steps=2, preserve_length=8, eval_held_in=3, eval_held_out=4, ordinary_tokens=256, skill_items=5,
         workers=1)
 
@@ -181,4 +182,5 @@ def test_the_character_level_row_takes_its_own_composition_steps(tmp_path, monke
     # a cache key of its own: the character-level row's only
     keyed = {row: "char_compose_steps" in row_fields(config, row) for row in rows.TRAINED_ROWS}
     assert keyed == {row: row == "CALM (characters)" for row in rows.TRAINED_ROWS}
-    assert compose_steps(FactsPipelineConfig(compose_steps=150), "CALM (characters)") == 150  # unset: the rows' steps
+    unset = FactsPipelineConfig(compose_steps=150, char_compose_steps=None)  # None: the rows' steps
+    assert compose_steps(unset, "CALM (characters)") == 150

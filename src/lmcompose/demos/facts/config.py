@@ -41,7 +41,7 @@ class FactsPipelineConfig:
     null_attention: bool = True  # a connection can add nothing (beyond the paper)
     null_score: float = 4.0  # the null key's starting score over the average key's (runs 8, 9)
     compose_steps: int = 150
-    char_compose_steps: Optional[int] = None  # the character-level row's steps; None: compose_steps
+    char_compose_steps: Optional[int] = 300  # the character-level row's steps; None: compose_steps (run 13)
     compose_lr: float = 1e-3
     compose_batch: int = 16
     preserve_weight: float = 1.0  # KL from SmolLM2 on ordinary text, added to the loss (beyond the paper)
