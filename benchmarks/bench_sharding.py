@@ -1,5 +1,6 @@
-"""What each rank holds, unsharded (as DDP keeps it) and under FSDP2, for SmolLM2-135M composed with its own first
-4 blocks: bytes of the frozen bases' parameters, peak resident memory, and the seconds of one training step.
+"""What each rank holds, unsharded (as DDP keeps it), under FSDP2 and under DeepSpeed ZeRO-3, for SmolLM2-135M
+composed with its own first 4 blocks: bytes of the frozen bases' parameters, peak resident memory, and the seconds
+of one training step.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_sharding.py [--ranks 2] [--steps 3] [--tokens 64]
     OMP_NUM_THREADS=1 python benchmarks/bench_sharding.py --tiny   # a check that it runs
@@ -10,7 +11,9 @@ process per rank), so a rank's peak resident memory is that layout's alone:
   kept out of it, as ``lmcompose train`` does);
 - "FSDP2, loaded whole": every rank loads the bases whole, then shards them;
 - "FSDP2, ranks > 0 built empty": what ``lmcompose train --sharding fsdp2`` does: rank 0 loads the bases whole,
-  the others build them on the meta device and receive their shards from rank 0.
+  the others build them on the meta device and receive their shards from rank 0;
+- "DeepSpeed ZeRO-3": what ``lmcompose train --sharding zero3`` does: every rank loads the bases whole, then
+  ``deepspeed.initialize`` partitions every parameter (skipped when DeepSpeed is not installed).
 The step is a forward and backward of a batch of 2 rows per rank and an AdamW step of the connections. Peak
 resident memory is the process's maximum (``getrusage``) after the model is built and laid out, then after the steps.
 """
@@ -18,6 +21,7 @@ resident memory is the process's maximum (``getrusage``) after the model is buil
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -36,7 +40,7 @@ from common import machine, table
 
 HEADERS = ["layout", "rank", "bases MB held", "of the whole", "peak resident MB, built and laid out",
            "peak resident MB, after the steps", "step s (median)"]
-LAYOUTS = ("unsharded (DDP)", "FSDP2, loaded whole", "FSDP2, ranks > 0 built empty")
+LAYOUTS = ("unsharded (DDP)", "FSDP2, loaded whole", "FSDP2, ranks > 0 built empty", "DeepSpeed ZeRO-3")
 
 
 def peak_mb() -> float:
@@ -85,19 +89,32 @@ def rank_row(layout: str, args: argparse.Namespace) -> list:
 
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, engine.frozen_names(model))
         wrapped = DistributedDataParallel(model)
+    elif layout == LAYOUTS[3]:
+        from types import SimpleNamespace
+
+        from lmcompose.train import zero3
+
+        optimizer = torch.optim.AdamW(model.composition_parameters(), lr=1e-4)
+        wrapped, optimizer = zero3.initialize(model, optimizer, SimpleNamespace(batch_size=2, max_grad_norm=None))
     else:
         wrapped = sharding.shard_model(model, torch.device("cpu"), world)
     held = sum(sharding.local_bytes(m) for m in (model.anchor, *model.augments))
     laid_out = peak_mb()
-    optimizer = torch.optim.AdamW(model.composition_parameters(), lr=1e-4)
+    if layout != LAYOUTS[3]:
+        optimizer = torch.optim.AdamW(model.composition_parameters(), lr=1e-4)
     ids = torch.randint(0, 64 if args.tiny else 49152, (2, args.tokens), generator=torch.Generator().manual_seed(rank))
     wrapped.train()
     seconds = []
     for _ in range(args.steps):
         started = time.perf_counter()
-        wrapped(ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        loss = wrapped(ids, labels=ids).loss
+        if layout == LAYOUTS[3]:
+            wrapped.backward(loss)
+            wrapped.step()
+        else:
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
         seconds.append(time.perf_counter() - started)
     dist.barrier()
     median = sorted(seconds)[len(seconds) // 2]
@@ -128,6 +145,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         save_bases(Path(folder), args.tiny)
         for layout in LAYOUTS:
+            if layout == LAYOUTS[3] and importlib.util.find_spec("deepspeed") is None:
+                print("DeepSpeed is not installed (pip install deepspeed): its layout is left out")
+                continue
             out = Path(folder) / "rows.json"
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.ranks), __file__,
                        "--layout", layout, "--folder", folder, "--rows", str(out), "--steps", str(args.steps),

@@ -1,7 +1,7 @@
 """Run by tests/train/test_sharding.py under torchrun: `lmcompose train`, reporting what each rank holds.
 
-Each rank writes OUT/rank{r}.json: the bytes of the bases' parameters it holds before and after sharding, and
-whether it built them empty. With
+Each rank writes OUT/rank{r}.json: the bytes of the bases' parameters it holds before and after sharding (FSDP2's
+or DeepSpeed ZeRO-3's), and whether it built them empty. With
 ``--kill-after-step K`` rank 1 SIGKILLs itself once step K is done (its checkpoint written, if one was due).
 Usage: torchrun ... sharded_train.py OUT [--kill-after-step K] -- <lmcompose train arguments>
 """
@@ -19,6 +19,7 @@ torch.set_num_threads(1)
 import lmcompose.train.recipe as recipe  # noqa: E402
 from lmcompose.core import introspect  # noqa: E402
 import lmcompose.train.sharding as sharding  # noqa: E402
+import lmcompose.train.zero3 as zero3  # noqa: E402
 from lmcompose.cli import main  # noqa: E402
 
 out = Path(sys.argv[1])
@@ -27,14 +28,14 @@ argv = sys.argv[sys.argv.index("--") + 1 :]
 kill_after = int(ours[ours.index("--kill-after-step") + 1]) if "--kill-after-step" in ours else None
 rank = int(os.environ.get("RANK", "0"))
 report = {}
-shard = sharding.shard_model
+shard, partition = sharding.shard_model, zero3.initialize
 
 
 def bases_bytes(model):
     return sum(sharding.local_bytes(m) for m in (model.anchor, *model.augments))
 
 
-def spy(model, device, processes):
+def before(model):
     report["bases_bytes_before"] = bases_bytes(model)
     report["bases_empty_before"] = sharding.bases_empty(model)
     report["whole_bytes"] = sum(p.numel() * p.element_size() for m in (model.anchor, *model.augments)
@@ -43,10 +44,22 @@ def spy(model, device, processes):
     for i, block in enumerate(introspect.decoder_blocks(model.augments[0])):
         block.register_forward_pre_hook(lambda *_, i=i: report["augment_blocks_run"].__setitem__(
             i, report["augment_blocks_run"][i] + 1))
+
+
+def spy(model, device, processes):
+    before(model)
     sharded = shard(model, device, processes)
     report["bases_bytes_after"] = bases_bytes(sharded)
     report["connection_params_sharded"] = all(sharding.is_sharded(p) for p in sharded.composition_parameters())
     return sharded
+
+
+def spy_zero3(model, optimizer, config):
+    before(model)
+    engine, ds_optimizer = partition(model, optimizer, config)
+    report["bases_bytes_after"] = bases_bytes(model)
+    report["connection_params_sharded"] = all(hasattr(p, "ds_tensor") for p in model.composition_parameters())
+    return engine, ds_optimizer
 
 
 after_step = recipe.Recipe.after_step
@@ -59,7 +72,7 @@ def killing_after_step(self):
     return stop
 
 
-sharding.shard_model = spy
+sharding.shard_model, zero3.initialize = spy, spy_zero3
 recipe.Recipe.after_step = killing_after_step
 code = main(argv)
 report["exit_code"] = code

@@ -1,6 +1,6 @@
-"""Sharded training under torchrun (2 CPU ranks, gloo, torch FSDP2): each rank holds half of the frozen bases, the
-composition equals one process's on the same global batch, a SIGKILLed rank's run resumes to the uninterrupted
-weights, and what cannot be a sharded run is refused in one line."""
+"""Sharded training under torchrun (2 CPU ranks, gloo; torch FSDP2 and DeepSpeed ZeRO-3): each rank holds half of
+the frozen bases, the composition equals one process's on the same global batch, a SIGKILLed rank's run resumes to
+the uninterrupted weights, and what cannot be a sharded run is refused in one line."""
 
 import json
 import os
@@ -39,7 +39,7 @@ def work(tmp_path_factory):
 
 
 def torchrun(work, output, *extra, report="reports", kill_after=None):
-    """`lmcompose train` on 2 ranks under torchrun with FSDP2 (batch 2 per rank), through the spy script."""
+    """`lmcompose train` on 2 ranks under torchrun (batch 2 per rank), through the spy script."""
     reports = work["root"] / report
     reports.mkdir(exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
@@ -62,20 +62,33 @@ def assert_close(a, b, atol=1e-5):
 
 
 @pytest.fixture(scope="module")
+def one_process_run(work):
+    out = work["root"] / "one"
+    assert main(work["common"] + ["--batch-size", "4", "--output", str(out)]) == 0
+    return out
+
+
+def train_losses(run):
+    return [r["loss"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+
+
+def optimizer_state(run, step):
+    return torch.load(run / "checkpoints" / f"step-{step}" / "optimizer.pt", weights_only=True)  # plain tensors only
+
+
+@pytest.fixture(scope="module")
 def sharded_run(work):
     proc, reports = torchrun(work, work["root"] / "fsdp", "--sharding", "fsdp2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return work["root"] / "fsdp", reports, proc
 
 
-def test_two_sharded_ranks_equal_one_process_on_the_same_global_batch_and_hold_half_the_bases(work, sharded_run):
+def test_two_sharded_ranks_equal_one_process_on_the_same_global_batch_and_hold_half_the_bases(work, sharded_run,
+                                                                                              one_process_run):
     run, reports, proc = sharded_run
-    assert main(work["common"] + ["--batch-size", "4", "--output", str(work["root"] / "one")]) == 0
-    assert_close(weights(work["root"] / "one"), weights(run))
+    assert_close(weights(one_process_run), weights(run))
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in weights(run).items() if ".out." in k)  # it trained
-    one_losses = [r["loss"] for r in read_metrics(work["root"] / "one" / "metrics.jsonl") if r["kind"] == "train"]
-    losses = [r["loss"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
-    assert losses == pytest.approx(one_losses, rel=1e-5)
+    assert train_losses(run) == pytest.approx(train_losses(one_process_run), rel=1e-5)
     assert proc.stdout.count("trained 6 steps") == 1  # rank 0 alone reports and writes
 
     for rank in (0, 1):
@@ -92,8 +105,7 @@ def test_two_sharded_ranks_equal_one_process_on_the_same_global_batch_and_hold_h
     # the checkpoints hold full tensors, as one process writes them
     saved = load_file(run / "checkpoints" / "step-6" / WEIGHTS_NAME)
     assert_close(weights(run), {k: v for k, v in saved.items()}, atol=0)
-    optimizer = torch.load(run / "checkpoints" / "step-6" / "optimizer.pt", weights_only=True)  # plain tensors only
-    moments = sorted(tuple(v["exp_avg"].shape) for v in optimizer["state"].values())
+    moments = sorted(tuple(v["exp_avg"].shape) for v in optimizer_state(run, 6)["state"].values())
     assert moments == sorted(tuple(v.shape) for v in saved.values())  # whole, not one rank's half
 
 
@@ -118,6 +130,47 @@ def test_a_sigkilled_rank_then_resume_gives_the_uninterrupted_weights_and_anothe
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.fixture(scope="module")
+def zero3_run(work):
+    proc, reports = torchrun(work, work["root"] / "zero3", "--sharding", "zero3", report="zero3-reports")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return work["root"] / "zero3", reports, proc
+
+
+def test_deepspeed_zero3_ranks_equal_one_process_and_hold_half_the_bases(work, zero3_run, one_process_run):
+    run, reports, proc = zero3_run
+    assert_close(weights(one_process_run), weights(run))
+    assert train_losses(run) == pytest.approx(train_losses(one_process_run), rel=1e-5)
+    assert proc.stdout.count("trained 6 steps") == 1
+    for rank in (0, 1):
+        report = json.loads((reports / f"rank{rank}.json").read_text())
+        assert report["exit_code"] == 0 and report["connection_params_sharded"]
+        runs = report["augment_blocks_run"]  # the early exit under ZeRO-3's gathering: block 3 never runs
+        assert runs[3] == 0 and runs[0] == runs[1] == runs[2] > 0, runs
+        assert report["bases_bytes_before"] == report["whole_bytes"]  # every rank loads the bases whole ...
+        assert 0.45 < report["bases_bytes_after"] / report["whole_bytes"] < 0.55, report  # ... and keeps half
+    # the checkpoint holds what one process's holds: the composition and AdamW's moments, full tensors
+    assert_close(load_file(one_process_run / "checkpoints" / "step-4" / WEIGHTS_NAME),
+                 load_file(run / "checkpoints" / "step-4" / WEIGHTS_NAME))
+    one, zero = optimizer_state(one_process_run, 4), optimizer_state(run, 4)
+    assert one["state"].keys() == zero["state"].keys() and one["param_groups"] == zero["param_groups"]
+    for index, moments in one["state"].items():
+        assert moments["step"] == zero["state"][index]["step"]
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(moments[key], zero["state"][index][key], atol=1e-6, rtol=1e-4), (index, key)
+
+
+def test_a_sigkilled_zero3_rank_then_resume_gives_the_uninterrupted_weights(work, zero3_run):
+    run = work["root"] / "zero3-killed"
+    proc, _ = torchrun(work, run, "--sharding", "zero3", report="zero3-killed-reports", kill_after=3)
+    assert proc.returncode != 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2"]
+    proc, _ = torchrun(work, run, "--sharding", "zero3", "--resume", report="zero3-resumed-reports")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_close(weights(zero3_run[0]), weights(run))
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
 def test_sharding_on_one_process_and_with_what_it_cannot_carry_is_refused_before_anything_is_written(work, capsys):
     out = work["root"] / "refused"
     for extra, message in (
@@ -125,6 +178,8 @@ def test_sharding_on_one_process_and_with_what_it_cannot_carry_is_refused_before
                                   "this launch has one: start it with `torchrun --nproc_per_node N`"),
         (["--sharding", "fsdp2", "--bf16"], "sharding='fsdp2' trains in float32: drop --bf16"),
         (["--sharding", "fsdp2", "--cache-augment-states"], "drop --cache-augment-states"),
+        (["--sharding", "zero3"], "sharding='zero3' (--sharding zero3) splits the frozen bases across processes"),
+        (["--sharding", "zero3", "--bf16"], "sharding='zero3' trains in float32: drop --bf16"),
     ):
         env = {"WORLD_SIZE": "2"} if len(extra) > 2 else {}
         with pytest.MonkeyPatch.context() as patch:
@@ -134,3 +189,25 @@ def test_sharding_on_one_process_and_with_what_it_cannot_carry_is_refused_before
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err  # refused before any model loads: nothing else printed
     assert not out.exists()
+
+
+def test_zero3_is_refused_in_one_line_without_deepspeed_and_with_bases_built_empty(work, capsys, monkeypatch):
+    from lmcompose import ComposedModel, CompositionConfig
+    from lmcompose.io.bases import load_base
+    from lmcompose.train import zero3
+    from lmcompose.train.config import TrainingConfig
+
+    out = work["root"] / "refused-zero3"
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "deepspeed", None)  # as if not installed: importing it raises ImportError
+        patch.setenv("WORLD_SIZE", "2")
+        assert main(work["common"] + ["--batch-size", "2", "--output", str(out), "--sharding", "zero3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trains through DeepSpeed, which is not installed: pip install deepspeed" in err[0], err
+    assert not out.exists()
+
+    bases = [load_base(work["root"] / name, with_tokenizer=False, empty=True)[0] for name in ("anchor", "augment")]
+    model = ComposedModel(*bases, CompositionConfig(connections=[(1, 0)]))
+    optimizer = torch.optim.AdamW(model.composition_parameters())
+    with pytest.raises(ValueError, match=r"this rank built them empty \(load_base\(empty=True\)\): load them whole"):
+        zero3.initialize(model, optimizer, TrainingConfig(sharding="zero3"))

@@ -82,8 +82,9 @@ def run_train(opts: argparse.Namespace) -> int:
     from ..train.sharding import check_sharding, launched_processes
 
     check_sharding(config_from(TrainingConfig, opts), launched_processes())  # before any model loads
-    # sharded: the ranks but 0 build the bases empty and receive their shards from rank 0 (train/sharding.py)
-    empty = opts.sharding != "none" and not is_main_launch()
+    # FSDP2: the ranks but 0 build the bases empty and receive their shards from rank 0 (train/sharding.py); ZeRO-3
+    # partitions the bases every rank loaded (train/zero3.py)
+    empty = opts.sharding == "fsdp2" and not is_main_launch()
     anchor, tokenizer, augments, augment_tokenizers = _load(opts, empty=empty)
     composition = config_from(CompositionConfig, opts)
     set_seed(opts.seed)  # the seed decides the initial connection weights too: a run is a function of its options

@@ -16,7 +16,7 @@ from ..io.safe_files import parse_json, parse_yaml, read_text
 
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 PRECISIONS = ("no", "bf16")
-SHARDINGS = ("none", "fsdp2")
+SHARDINGS = ("none", "fsdp2", "zero3")
 
 @dataclass
 class TrainingConfig(DictConfig):
@@ -48,7 +48,8 @@ class TrainingConfig(DictConfig):
     mixed_precision: str = config_field("no", "bfloat16 mixed precision (bf16) through accelerate; weights stay float32",
                                   "choice", flag="bf16", choices=PRECISIONS, trajectory=True)
     sharding: str = config_field("none", "fsdp2: shard the frozen bases' blocks and the connections across the "
-                                 "processes of a torchrun launch (torch FSDP2); none: each process holds everything",
+                                 "processes of a torchrun launch (torch FSDP2); zero3: partition every parameter "
+                                 "with DeepSpeed ZeRO-3 (pip install deepspeed); none: each process holds everything",
                                  "choice", flag="sharding", choices=SHARDINGS, trajectory=True)
     padding_side: str = config_field("right", "where batches are padded", "choice", flag="padding_side",
                                choices=("right", "left"), trajectory=True)

@@ -67,8 +67,8 @@ def prepare_model(accelerator: Any, model: Any) -> Any:
         raise NotImplementedError(
             f"train() runs on one process or data-parallel (DDP) processes, not under {kind}: sharding puts part of the "
             "composition and of its optimiser state on each rank, and checkpoints are written from rank 0's view. "
-            "Launch with DDP (accelerate launch --multi_gpu or --num_processes N), or shard the bases with torch's FSDP2 "
-            "(--sharding fsdp2 under torchrun); see docs/distributed.md"
+            "Launch with DDP (accelerate launch --multi_gpu or --num_processes N), or shard the bases under torchrun "
+            "with torch's FSDP2 (--sharding fsdp2) or DeepSpeed ZeRO-3 (--sharding zero3); see docs/distributed.md"
         )
     ddp = accelerator.num_processes > 1 and kind.startswith("MULTI_")
     if not ddp:  # one process: accelerate places the model and wraps nothing

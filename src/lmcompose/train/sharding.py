@@ -41,15 +41,20 @@ def check_sharding(config: Any, processes: int) -> None:
     """
     if config.sharding == "none":
         return
+    name = f"sharding={config.sharding!r}"
     if processes < 2:
-        raise ValueError("sharding='fsdp2' (--sharding fsdp2) splits the frozen bases across processes, and this launch "
-                         "has one: start it with `torchrun --nproc_per_node N` (N >= 2), or leave sharding off")
+        raise ValueError(f"{name} (--sharding {config.sharding}) splits the frozen bases across processes, and this "
+                         "launch has one: start it with `torchrun --nproc_per_node N` (N >= 2), or leave sharding off")
     if config.mixed_precision != "no":
-        raise ValueError("sharding='fsdp2' trains in float32: drop --bf16 (FSDP2's mixed-precision policy is not wired "
-                         "in), or train data-parallel without --sharding")
+        raise ValueError(f"{name} trains in float32: drop --bf16 (mixed precision is not wired into the sharded "
+                         "paths), or train data-parallel without --sharding")
     if config.cache_augment_states:
-        raise ValueError("sharding='fsdp2' cannot cache the augments' states (rank 0 would run a sharded augment "
-                         "alone): drop --cache-augment-states")
+        raise ValueError(f"{name} cannot cache the augments' states (rank 0 would run a sharded augment alone): drop "
+                         "--cache-augment-states")
+    if config.sharding == "zero3":
+        from .zero3 import check_available
+
+        check_available()
 
 
 def bases_empty(model: Any) -> bool:
@@ -176,6 +181,10 @@ def local_bytes(module: Any) -> int:
     """The bytes of parameters and buffers this rank holds for ``module`` (a shard's local part for a DTensor)."""
     total = 0
     for tensor in (*module.parameters(), *module.buffers()):
+        partition = getattr(tensor, "ds_tensor", None)  # a DeepSpeed ZeRO-3 parameter: its partition
+        if partition is not None:
+            total += partition.numel() * partition.element_size()
+            continue
         local = tensor.to_local() if is_sharded(tensor) else tensor
         if local.device.type == "meta":  # built empty: nothing held
             continue
