@@ -84,8 +84,13 @@ def test_a_sharded_run_refuses_a_rank_0_with_empty_bases(tmp_path, monkeypatch):
     empty = ComposedModel(load_base(tmp_path, empty=True)[0], load_base(tmp_path, empty=True)[0],
                           CompositionConfig(connections=[[1, 1]]))
     assert sharding.bases_empty(empty)
-    assert not sharding.bases_empty(ComposedModel(load_base(tmp_path)[0], load_base(tmp_path, empty=True)[0],
+    assert not sharding.bases_empty(ComposedModel(load_base(tmp_path)[0], load_base(tmp_path)[0],
                                                   CompositionConfig(connections=[[1, 1]])))
+    mixed = ComposedModel(load_base(tmp_path)[0], load_base(tmp_path, empty=True)[0],
+                          CompositionConfig(connections=[[1, 1]]))
+    with pytest.raises(ValueError, match=r"some empty and some whole \(the anchor whole, augment 0 empty\): load "
+                                         "every base of a rank the same way"):
+        sharding.bases_empty(mixed)
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)  # what rank 1 would say: its bases whole
     monkeypatch.setattr(dist, "all_gather_object", lambda out, mine: out.__setitem__(slice(None), [mine, False]))
     with pytest.raises(ValueError, match="rank 0 of a sharded run holds the bases empty .* load them whole on rank 0"):

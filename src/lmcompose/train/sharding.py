@@ -58,10 +58,16 @@ def check_sharding(config: Any, processes: int) -> None:
 
 
 def bases_empty(model: Any) -> bool:
-    """Whether every parameter of ``model``'s bases is on the meta device, built empty to be filled from rank 0."""
-    return all(getattr(base, introspect.EMPTY_ON, None) is not None and all(p.device.type == "meta"
-                                                                            for p in base.parameters())
-               for base in (model.anchor, *model.augments))
+    """Whether every parameter of ``model``'s bases is on the meta device, built empty to be filled from rank 0;
+    refuses a model whose bases are some empty and some whole (a rank holds all of them one way)."""
+    bases = {"the anchor": model.anchor, **{f"augment {a}": augment for a, augment in enumerate(model.augments)}}
+    empty = {name: getattr(base, introspect.EMPTY_ON, None) is not None
+             and all(p.device.type == "meta" for p in base.parameters()) for name, base in bases.items()}
+    if len(set(empty.values())) > 1:
+        built = ", ".join(f"{name} {'empty' if is_empty else 'whole'}" for name, is_empty in empty.items())
+        raise ValueError(f"a rank holds its bases some empty and some whole ({built}): load every base of a rank "
+                         "the same way, with load_base(empty=True) on ranks but 0 or whole")
+    return all(empty.values())
 
 
 def _empty_ranks(model: Any) -> list[bool]:
