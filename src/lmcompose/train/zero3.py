@@ -61,9 +61,8 @@ def initialize(model: Any, optimizer: torch.optim.Optimizer, config: Any) -> tup
         # on CPU ranks DeepSpeed would compile a shared-memory collective at the first launch (minutes); gloo's own
         # collectives do the same job. DeepSpeed reads this table (kept in its module) before building the op.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    for connection in model.connections.modules():
-        for parameter in connection.parameters(recurse=False):
-            deepspeed.zero.register_external_parameter(model, parameter)
+    for parameter in model.composition_parameters():
+        deepspeed.zero.register_external_parameter(model, parameter)
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(config))
     return engine, ds_optimizer
 
@@ -130,8 +129,3 @@ def load_optimizer_state(ds_optimizer: Any, parameters: list, state: dict[str, A
     (group,) = ds_optimizer.optimizer.param_groups
     group.update({k: v for k, v in state["param_groups"][0].items() if k != "params"})
 
-
-def held_bytes(tensor: Any) -> int:
-    """The bytes this rank holds of a ZeRO-3 partitioned ``tensor`` (its partition), or None for another tensor."""
-    partition = getattr(tensor, "ds_tensor", None)
-    return None if partition is None else partition.numel() * partition.element_size()
