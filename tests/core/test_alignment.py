@@ -279,3 +279,41 @@ def test_a_character_level_augment_reads_what_each_prefix_tokenizes_to(tokenizer
         common = next((k for k, (a, b) in enumerate(zip(ids, full_ids)) if a != b), min(len(ids), len(full_ids)))
         expected.append(common)
     assert settled_limits(chars, whole, ends, full_ids, anchor_trailing_specials(bpe, anchor_ids)) == expected
+
+
+@pytest.mark.parametrize("augment_kind", ["characters", "characters with BOS and EOS", "bpe"])
+@pytest.mark.parametrize("text", TEXTS + ["The fox</s> and more"])
+def test_limits_grown_token_by_token_equal_the_limits_of_each_prefix_in_one_pass(tokenizers, augment_kind, text):
+    # decoding extends the text one anchor token at a time and passes the limits known so far; the result must
+    # be what one pass over that prefix gives (an EOS followed by more text reads everything only while last)
+    from lmcompose.core.alignment import anchor_trailing_specials, augment_encoding, settled_limits
+
+    bpe, chars = tokenizers
+    anchor_tok, augment_tok = {"characters": (bpe, chars), "bpe": (chars, bpe),
+                               "characters with BOS and EOS": (bpe, unicode_char_tokenizer(template="<s> $A </s>"))
+                               }[augment_kind]
+    anchor_ids = []
+    for k, piece in enumerate(text.split("</s>")):
+        eos = [anchor_tok.eos_token_id] if k else []
+        anchor_ids += eos + anchor_tok(piece, add_special_tokens=not k)["input_ids"]
+    known, old_ids = [], []
+    for n in range(1, len(anchor_ids) + 1):
+        prefix, ends = anchor_token_ends(anchor_tok, anchor_ids[:n])
+        encoding = augment_encoding(augment_tok, prefix)
+        ids, trailing = encoding[0], anchor_trailing_specials(anchor_tok, anchor_ids[:n])
+        unchanged = next((k for k, (a, b) in enumerate(zip(ids, old_ids)) if a != b), min(len(ids), len(old_ids)))
+        grown = settled_limits(augment_tok, prefix, ends, ids, trailing, known=known, unchanged=unchanged,
+                               encoding=encoding)
+        assert grown == settled_limits(augment_tok, prefix, ends, ids, trailing), (n, prefix)
+        known, old_ids = grown, ids
+
+
+def test_only_the_special_tokens_after_the_last_text_token_trail(tokenizers):
+    from lmcompose.core.alignment import anchor_trailing_specials
+
+    bpe, _ = tokenizers
+    bos, eos, x = bpe.bos_token_id, bpe.eos_token_id, bpe("x", add_special_tokens=False)["input_ids"][0]
+    assert anchor_trailing_specials(bpe, [bos, x, eos, eos]) == [False, False, True, True]
+    assert anchor_trailing_specials(bpe, [bos, x, eos, x]) == [False, False, False, False]
+    assert anchor_trailing_specials(bpe, [bos, eos]) == [False, False]  # no text: nothing trails it
+    assert anchor_trailing_specials(bpe, []) == []

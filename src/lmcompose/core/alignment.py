@@ -17,6 +17,7 @@ tokenization of the full text, so one augment pass serves every anchor position.
 
 from __future__ import annotations
 
+import bisect
 from typing import Any, Optional, Sequence
 
 import torch
@@ -110,14 +111,21 @@ def _settled_without_pretokenizer(tokenizer: Any, text: str) -> int:
 
 def augment_tokens(tokenizer: Any, text: str) -> tuple[list[int], list[bool]]:
     """The augment's ids for ``text`` (its special tokens included) and which of them are special."""
+    ids, special, _ = augment_encoding(tokenizer, text)
+    return ids, special
+
+
+def augment_encoding(tokenizer: Any, text: str) -> tuple[list[int], list[bool], list[tuple[int, int]]]:
+    """:func:`augment_tokens` with each token's (start, end) characters in ``text``, from one tokenization."""
     require_fast(tokenizer, "augment")
-    encoded = tokenizer(text, return_special_tokens_mask=True)
-    return list(encoded["input_ids"]), [bool(m) for m in encoded["special_tokens_mask"]]
+    encoded = tokenizer(text, return_special_tokens_mask=True, return_offsets_mapping=True)
+    return (list(encoded["input_ids"]), [bool(m) for m in encoded["special_tokens_mask"]],
+            list(encoded["offset_mapping"]))
 
 
 def settled_limits(
     tokenizer: Any, text: str, anchor_ends: Sequence[int], full_ids: Sequence[int], anchor_trailing: Sequence[bool],
-    known: Sequence[int] = (), unchanged: int = 0,
+    known: Sequence[int] = (), unchanged: int = 0, encoding: Optional[tuple] = None,
 ) -> list[int]:
     """For each anchor token, how many leading augment tokens of ``full_ids`` it may read.
 
@@ -130,11 +138,12 @@ def settled_limits(
         known: limits computed before for a prefix of the anchor tokens (decoding: the text only grew), against
             augment ids whose first ``unchanged`` agree with ``full_ids``. A known limit below ``unchanged`` stays
             (it stopped where the augment's tokens of its prefix differ, and those did not move); the others are
-            computed again, so a decoding step costs the new tokens' work, not the whole sequence's. A
-            character-level augment needs neither: one tokenization of ``text`` gives every limit.
+            computed again, so a decoding step costs the new tokens' work, not the whole sequence's.
+        encoding: :func:`augment_encoding` of ``text`` when the caller has it (a character-level augment reads
+            its limits from the offsets; otherwise ``text`` is tokenized again).
     """
     if isolates_characters(tokenizer):
-        return _character_limits(tokenizer, text, anchor_ends, full_ids, anchor_trailing)
+        return _character_limits(tokenizer, text, anchor_ends, full_ids, anchor_trailing, known, unchanged, encoding)
     by_cut: dict[int, int] = {}
     limits = []
     for k, (end, trailing) in enumerate(zip(anchor_ends, anchor_trailing)):
@@ -162,36 +171,44 @@ def settled_limits(
 
 
 def _character_limits(tokenizer: Any, text: str, anchor_ends: Sequence[int], full_ids: Sequence[int],
-                      anchor_trailing: Sequence[bool]) -> list[int]:
+                      anchor_trailing: Sequence[bool], known: Sequence[int] = (), unchanged: int = 0,
+                      encoding: Optional[tuple] = None) -> list[int]:
     """:func:`settled_limits` for a character-level augment tokenizer, from one tokenization of ``text``.
 
     Nothing merges, so the text up to an anchor token's end is settled: the token reads the augment's leading
     special tokens and every text token that ends by then (all the tokens of a character that takes several).
+    A known limit below ``unchanged`` stays; each other limit is a binary search in the tokens' ends.
     """
-    encoded = tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True)
-    ids, special, offsets = encoded["input_ids"], encoded["special_tokens_mask"], encoded["offset_mapping"]
+    ids, special, offsets = encoding if encoding is not None else augment_encoding(tokenizer, text)
     if list(ids) != list(full_ids):
         raise ValueError("settled_limits: full_ids are not the augment's tokenization of the text")
     first_text = next((k for k, is_special in enumerate(special) if not is_special), len(ids))
-    text_ends = [end for _, end in offsets[first_text:]]  # non-decreasing: characters in order
+    # readable text tokens: from the first one up to the next special token (an appended EOS); their ends are
+    # non-decreasing (characters in order)
+    stop = next((k for k in range(first_text, len(ids)) if special[k]), len(ids))
     # before any text token, only a BOS is readable (what the augment's tokenization of no text begins with)
     nothing_read = 1 if ids and ids[0] == tokenizer.bos_token_id else 0
-    limits, read = [], 0
-    for end, trailing in zip(anchor_ends, anchor_trailing):
+    limits = []
+    for k, (end, trailing) in enumerate(zip(anchor_ends, anchor_trailing)):
         if trailing:
             limits.append(len(full_ids))
-            continue
-        while read < len(text_ends) and not special[first_text + read] and text_ends[read] <= end:
-            read += 1
-        limits.append(first_text + read if read else nothing_read)
+        elif k < len(known) and known[k] < unchanged:
+            limits.append(known[k])
+        else:
+            read = bisect.bisect_right(offsets, end, first_text, stop, key=lambda offset: offset[1]) - first_text
+            limits.append(first_text + read if read else nothing_read)
     return limits
 
 
 def anchor_trailing_specials(tokenizer: Any, ids: Sequence[int]) -> list[bool]:
     """True for the anchor's special tokens after the last text token (EOS and the like)."""
     special = set(tokenizer.all_special_ids)
-    last_text = max((k for k, i in enumerate(ids) if i not in special), default=None)
-    return [last_text is not None and k > last_text for k in range(len(ids))]
+    text_end = len(ids)  # one past the last text token: only the trailing run of special tokens is looked at
+    while text_end and ids[text_end - 1] in special:
+        text_end -= 1
+    if not text_end:
+        return [False] * len(ids)  # no text at all: nothing trails it
+    return [False] * text_end + [True] * (len(ids) - text_end)
 
 
 def _non_decreasing(values: list[int]) -> list[int]:

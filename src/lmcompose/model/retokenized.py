@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from ..core import introspect
-from ..core.alignment import anchor_token_ends, anchor_trailing_specials, augment_tokens, settled_limits
+from ..core.alignment import anchor_token_ends, anchor_trailing_specials, augment_encoding, settled_limits
 from .decoding_cache import CompositionCache
 
 
@@ -43,14 +43,15 @@ class RowText:
         trailing = anchor_trailing_specials(tokenizer, anchor_ids[: len(known)])
         known = known[: next((k for k, t in enumerate(trailing) if t), len(known))]
         text, ends = anchor_token_ends(tokenizer, anchor_ids, known=known)
-        new_ids, _ = augment_tokens(augment_tokenizer, text)
+        encoding = augment_encoding(augment_tokenizer, text)
+        new_ids = encoding[0]
         if not new_ids:
             raise ValueError("The augment's tokenizer gives no token for this text; give a longer prompt")
         keep = 0
         while keep < min(len(self.augment_ids), len(new_ids)) and self.augment_ids[keep] == new_ids[keep]:
             keep += 1
         limits = settled_limits(augment_tokenizer, text, ends, new_ids, anchor_trailing_specials(tokenizer, anchor_ids),
-                                known=self.limits[: len(anchor_ids)], unchanged=keep)
+                                known=self.limits[: len(anchor_ids)], unchanged=keep, encoding=encoding)
         return ends, new_ids, limits, keep
 
     def first_changed(self, limits: Sequence[int], keep: int) -> int:
