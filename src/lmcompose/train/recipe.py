@@ -28,7 +28,7 @@ from ..io.composition_files import composition_metadata, save_composition
 from ..io.datasets import WithPreservation, data_fingerprint
 from ..io.input_checks import check_example_lengths
 from ..io.locks import output_lock
-from . import engine, objective, sharding, zero3
+from . import engine, layouts, objective, sharding
 from .checkpoints import (
     find_start,
     remove_incomplete,
@@ -88,17 +88,15 @@ class Recipe:
         self.main = self.accelerator.is_main_process  # only rank 0 writes files
         self._prepare_output()
         set_seed(self.config.seed)
-        sharded = self.config.sharding != "none"
+        self.layout = layouts.layout_for(self.config)
         # on the accelerator's device (DDP over the connections on several processes); FSDP2 shards it below,
         # DeepSpeed's ZeRO-3 with the optimiser
-        self.wrapped = self.model if sharded else engine.prepare_model(self.accelerator, self.model)
+        self.wrapped = self.layout.wrap(self.accelerator, self.model)
         self._setup_data()
         self._setup_schedule()
-        if sharded:  # read where the bases are whole (rank 0; the others may hold them empty, see sharding.py)
-            self.metadata = sharding.main_rank_metadata(self.model, composition_metadata)
+        self.metadata = self.layout.metadata(self.model, composition_metadata)  # sharded: where the bases are whole
         files = self._restore_composition() if self.start_from is not None else None
-        if self.config.sharding == "fsdp2":  # after the composition is restored, into whole connections
-            self.wrapped = sharding.shard_model(self.model, self.accelerator.device, self.accelerator.num_processes)
+        self.wrapped = self.layout.shard(self.accelerator, self.model, self.wrapped)  # into restored connections
         self._setup_optimizer()
         self.state.nonfinite = torch.zeros((), dtype=torch.bool, device=self.accelerator.device)
         if files is not None:
@@ -178,11 +176,8 @@ class Recipe:
         ZeRO-3 the model and that AdamW partitioned by DeepSpeed (the schedule stays the recipe's)."""
         self.parameters = self.model.composition_parameters()
         optimizer, scheduler = engine.make_optimizer(self.parameters, self.config, self.total_steps)
-        if self.config.sharding == "zero3":
-            self.wrapped, self.optimizer = zero3.initialize(self.model, optimizer, self.config)
-            self.scheduler = scheduler
-            return
-        self.optimizer, self.scheduler = self.accelerator.prepare(optimizer, scheduler)
+        self.wrapped, self.optimizer, self.scheduler = self.layout.prepare(
+            self.accelerator, self.model, self.wrapped, optimizer, scheduler, self.config)
 
     def _restore_composition(self) -> dict[str, Any]:
         """Load ``start_from``'s composition into the model (checked against this run); its other files."""
@@ -192,13 +187,7 @@ class Recipe:
 
     def _restore_training(self, files: dict[str, Any]) -> None:
         """Continue from ``start_from``: optimiser, scheduler, RNG states and the data position."""
-        optimizer_state = files["optimizer"]
-        if self.config.sharding == "zero3":  # the file holds full tensors: each rank keeps its partitions
-            zero3.load_optimizer_state(self.optimizer, self.parameters, optimizer_state)
-        else:
-            if self.config.sharding == "fsdp2":  # the file holds full tensors: split each as its parameter is
-                optimizer_state = sharding.sharded_optimizer_state(optimizer_state, self.parameters)
-            self.optimizer.load_state_dict(optimizer_state)
+        self.layout.load_optimizer_state(self.optimizer, self.parameters, files["optimizer"])  # full tensors
         self.scheduler.load_state_dict(files["scheduler"])
         restore_rng_state(files["rng"])
         self.state.step, self.state.epoch, self.state.position = (files["state"][k] for k in ("step", "epoch", "position"))
@@ -214,26 +203,20 @@ class Recipe:
         accelerator, state = self.accelerator, self.state
         totals = objective.step_totals(accelerator, batches)
         step_loss = step_kl = torch.zeros((), device=accelerator.device)
-        zero = self.config.sharding == "zero3"  # DeepSpeed reduces each micro-batch's gradients into its partitions
         for i, batch in enumerate(batches):
             tokens, last = int(batch["attention_mask"].sum()), i == len(batches) - 1
-            with nullcontext() if last or zero else accelerator.no_sync(self.wrapped):
+            with self.layout.micro_batch(accelerator, self.wrapped, last):
                 loss, kl = objective.micro_batch_loss(self.wrapped, self.model, batch, totals,
                                                       self.config.preserve_weight, accelerator.num_processes)
-                if zero:
-                    zero3.backward(self.wrapped, loss, last)
-                else:
-                    accelerator.backward(loss)
+                self.layout.backward(accelerator, self.wrapped, loss, last)
             state.nonfinite |= ~torch.isfinite(loss.detach())
             step_loss, step_kl = step_loss + loss.detach(), step_kl + kl
             state.position += 1
             state.window_tokens += tokens
         self._check_step(signals)
-        if zero:  # clips (the config's max_grad_norm), steps and zeroes the gradients; skips a non-finite step
-            self.wrapped.step()
-            self._check_zero3_step()
-        else:
-            self.optimizer.step()
+        norm = self.layout.step(self.wrapped, self.optimizer)
+        if norm is not None:
+            self._check_stepped_norm(norm)
         self.scheduler.step()
         self.optimizer.zero_grad()
         state.window_losses.append(step_loss)
@@ -243,7 +226,7 @@ class Recipe:
     def _check_step(self, signals: StopSignals) -> None:
         """Before the optimiser step: clip, and stop the run (nothing of this step applied) on a NaN/inf anywhere."""
         state = self.state
-        if self.config.max_grad_norm is not None and self.config.sharding != "zero3":  # DeepSpeed clips in its step
+        if self.config.max_grad_norm is not None and not self.layout.clips_in_step:
             state.grad_norm = self.accelerator.clip_grad_norm_(self.parameters, self.config.max_grad_norm)
             if sharding.is_sharded(state.grad_norm):  # FSDP2: the norm over every rank's shards
                 state.grad_norm = state.grad_norm.full_tensor()
@@ -254,10 +237,9 @@ class Recipe:
             stop_diverged(state.step + 1, state.epoch, self.checkpoints, self.metrics_file if self.main else None)
         state.nonfinite = torch.zeros_like(state.nonfinite)
 
-    def _check_zero3_step(self) -> None:
-        """After DeepSpeed's step: its gradient norm (every rank has it), and the run stopped when it was not finite
-        (DeepSpeed then skipped the step: nothing of it applied)."""
-        norm = zero3.grad_norm(self.wrapped)
+    def _check_stepped_norm(self, norm: torch.Tensor) -> None:
+        """After a step that clipped itself (ZeRO-3): its gradient norm (every rank has it), and the run stopped when
+        it was not finite (the step was then skipped: nothing of it applied)."""
         self.state.grad_norm = norm if self.config.max_grad_norm is not None else None
         if not torch.isfinite(norm):
             stop_diverged(self.state.step + 1, self.state.epoch, self.checkpoints,
@@ -336,20 +318,14 @@ class Recipe:
     def composition_writer(self) -> Callable[[Path], None]:
         """What writes the composition into a directory (rank 0 calls it). Every rank calls this: under FSDP2 the
         weights are gathered from the shards here, under ZeRO-3 from the partitions."""
-        if self.config.sharding == "zero3":
-            weights = zero3.full_composition(self.model)
-        else:
-            weights = sharding.full_tensors(self.model.composition_state_dict())
+        weights = self.layout.full_composition(self.model)
         return lambda path: save_composition(self.model, path, weights=weights, metadata=self.metadata)
 
     def save(self) -> Path:
         """Write ``checkpoints/step-N`` (rank 0), keeping the newest ``keep_last``; every rank waits for it."""
         state = self.state
         write_composition = self.composition_writer()
-        if self.config.sharding == "zero3":
-            optimizer_state = zero3.full_optimizer_state(self.optimizer, self.parameters)
-        else:
-            optimizer_state = sharding.full_tensors(self.optimizer.state_dict())
+        optimizer_state = self.layout.full_optimizer_state(self.optimizer, self.parameters)
         if self.main:
             bookkeeping = {
                 "step": state.step,
