@@ -13,8 +13,8 @@ layout it runs.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Any, Callable, ContextManager, Optional
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -44,7 +44,7 @@ class Replicated:
         optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
         return wrapped, optimizer, scheduler
 
-    def micro_batch(self, accelerator: Any, wrapped: Any, last: bool) -> ContextManager:
+    def micro_batch(self, accelerator: Any, wrapped: Any, last: bool) -> AbstractContextManager:
         """Around one micro-batch's forward and backward: gradients synchronised at the step's last one only."""
         return nullcontext() if last else accelerator.no_sync(wrapped)
 
@@ -104,7 +104,7 @@ class ZeRO3(Replicated):
         ds_engine, ds_optimizer = zero3.initialize(model, optimizer, config)
         return ds_engine, ds_optimizer, scheduler  # the schedule stays the recipe's
 
-    def micro_batch(self, accelerator: Any, wrapped: Any, last: bool) -> ContextManager:
+    def micro_batch(self, accelerator: Any, wrapped: Any, last: bool) -> AbstractContextManager:
         return nullcontext()
 
     def backward(self, accelerator: Any, wrapped: Any, loss: torch.Tensor, last: bool) -> None:
