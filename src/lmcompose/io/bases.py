@@ -82,8 +82,8 @@ def _empty_model(path: Any, dtype: Any, trust_remote_code: bool) -> nn.Module:
     from ..core.introspect import EMPTY_ON
 
     gguf = path.is_file() and path.suffix == ".gguf"
-    if not gguf and not (path.is_dir() and (path / "config.json").is_file()):
-        raise FileNotFoundError(f"{path} holds no transformers model (no config.json) and is not a .gguf file")
+    if not gguf:
+        _require_model_dir(path, "give a model directory or a .gguf file")
     try:
         if gguf:
             config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
@@ -99,6 +99,12 @@ def _empty_model(path: Any, dtype: Any, trust_remote_code: bool) -> nn.Module:
     for module in model.modules():
         setattr(module, EMPTY_ON, "cpu")
     return model.eval()
+
+
+def _require_model_dir(path: Any, hint: str) -> None:
+    """Refuse a path that is not a transformers model directory (no config.json), saying what to give instead."""
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        raise FileNotFoundError(f"{path} holds no transformers model (no config.json); {hint}")
 
 
 def _load_gguf(path: Any, dtype: Any) -> tuple[nn.Module, Any]:
@@ -127,8 +133,7 @@ def _load_transformers_dir(
     """A model directory written by ``save_pretrained`` (config.json, weights, tokenizer files)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} holds no transformers model (no config.json); save one with save_pretrained")
+    _require_model_dir(path, "save one with save_pretrained")
     try:
         kwargs = {"local_files_only": True, "trust_remote_code": trust_remote_code}
         if dtype is not None:
