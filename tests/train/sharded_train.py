@@ -2,10 +2,12 @@
 
 Each rank writes OUT/rank{r}.json: the bytes of the bases' parameters it holds before and after sharding (FSDP2's
 or DeepSpeed ZeRO-3's), and whether it built them empty. With
-``--kill-after-step K`` rank 1 SIGKILLs itself once step K is done (its checkpoint written, if one was due).
-Usage: torchrun ... sharded_train.py OUT [--kill-after-step K] -- <lmcompose train arguments>
+``--kill-after-step K`` rank 1 SIGKILLs itself once step K is done (its checkpoint written, if one was due); with
+``--empty-on-rank-1`` rank 1 builds the bases empty whatever the layout.
+Usage: torchrun ... sharded_train.py OUT [--kill-after-step K] [--empty-on-rank-1] -- <lmcompose train arguments>
 """
 
+import importlib
 import json
 import os
 import signal
@@ -73,6 +75,10 @@ def killing_after_step(self):
 
 
 sharding.shard_model, zero3.initialize = spy, spy_zero3
+if "--empty-on-rank-1" in ours and rank == 1:
+    cli = importlib.import_module("lmcompose.cli.main")  # the module (the package exports its main function)
+    load = cli._load
+    cli._load = lambda opts, empty=False: load(opts, empty=True)
 recipe.Recipe.after_step = killing_after_step
 code = main(argv)
 report["exit_code"] = code

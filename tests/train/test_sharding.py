@@ -38,13 +38,14 @@ def work(tmp_path_factory):
     return {"root": root, "common": common}
 
 
-def torchrun(work, output, *extra, report="reports", kill_after=None):
+def torchrun(work, output, *extra, report="reports", kill_after=None, empty_on_rank_1=False):
     """`lmcompose train` on 2 ranks under torchrun (batch 2 per rank), through the spy script."""
     reports = work["root"] / report
     reports.mkdir(exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]))
     ours = ["--kill-after-step", str(kill_after)] if kill_after is not None else []
+    ours += ["--empty-on-rank-1"] if empty_on_rank_1 else []
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                str(HERE / "sharded_train.py"), str(reports), *ours, "--", *work["common"], "--batch-size", "2",
                "--output", str(output), *extra]
@@ -211,3 +212,17 @@ def test_zero3_is_refused_in_one_line_without_deepspeed_and_with_bases_built_emp
     optimizer = torch.optim.AdamW(model.composition_parameters())
     with pytest.raises(ValueError, match=r"this rank built them empty \(load_base\(empty=True\)\): load them whole"):
         zero3.initialize(model, optimizer, TrainingConfig(sharding="zero3"))
+
+
+def test_zero3_with_one_rank_built_empty_is_refused_by_every_rank(work):
+    # ZeRO-3 partitions what each rank loaded: a rank with empty bases is refused on every rank, so none is left
+    # waiting in a collective for the refused one
+    out = work["root"] / "zero3-empty"
+    result, reports = torchrun(work, out, "--sharding", "zero3", report="reports-zero3-empty", empty_on_rank_1=True)
+    assert result.returncode != 0
+    message = "sharding='zero3' partitions the bases each rank loaded, and rank(s) 1 built them empty"
+    assert result.stderr.count(message) == 2, result.stderr[-3000:]
+    for rank in (0, 1):
+        report = json.loads((reports / f"rank{rank}.json").read_text())
+        assert report["exit_code"] == 2 and "bases_bytes_after" not in report  # refused before partitioning
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())

@@ -94,7 +94,8 @@ class ZeRO3(Replicated):
     clips_in_step = True
 
     def metadata(self, model: Any, read: Callable[[Any], dict[str, Any]]) -> Optional[dict[str, Any]]:
-        return sharding.main_rank_metadata(model, read)  # before the bases are partitioned
+        # before the bases are partitioned; refused on every rank when one built them empty
+        return sharding.main_rank_metadata(model, read, empty_refused=zero3.EMPTY_REFUSED)
 
     def wrap(self, accelerator: Any, model: Any) -> Any:
         return model

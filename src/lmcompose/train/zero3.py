@@ -18,6 +18,9 @@ from typing import Any
 import torch
 
 
+EMPTY_REFUSED = "sharding='zero3' partitions the bases each rank loaded"  # why bases built empty cannot train here
+
+
 def check_available() -> None:
     """Refuse ``sharding="zero3"`` where DeepSpeed is not installed, in one line."""
     try:
@@ -55,8 +58,8 @@ def initialize(model: Any, optimizer: torch.optim.Optimizer, config: Any) -> tup
     from .sharding import bases_empty
 
     if bases_empty(model):
-        raise ValueError("sharding='zero3' partitions the bases each rank loaded, and this rank built them empty "
-                         "(load_base(empty=True)): load them whole on every rank, or shard with sharding='fsdp2'")
+        raise ValueError(f"{EMPTY_REFUSED}, and this rank built them empty (load_base(empty=True)): load them whole "
+                         "on every rank, or shard with sharding='fsdp2'")
     if not torch.cuda.is_available():
         # on CPU ranks DeepSpeed would compile a shared-memory collective at the first launch (minutes); gloo's own
         # collectives do the same job. DeepSpeed reads this table (kept in its module) before building the op.
