@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-
 EMPTY_REFUSED = "sharding='zero3' partitions the bases each rank loaded"  # why bases built empty cannot train here
 
 
