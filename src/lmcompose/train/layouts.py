@@ -95,7 +95,7 @@ class ZeRO3(Replicated):
 
     def metadata(self, model: Any, read: Callable[[Any], dict[str, Any]]) -> Optional[dict[str, Any]]:
         # before the bases are partitioned; refused on every rank when one built them empty
-        return sharding.main_rank_metadata(model, read, empty_refused=zero3.EMPTY_REFUSED)
+        return sharding.main_rank_metadata(model, read, refuse_empty=zero3.empty_bases_refused)
 
     def wrap(self, accelerator: Any, model: Any) -> Any:
         return model

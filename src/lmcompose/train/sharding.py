@@ -82,23 +82,21 @@ def _empty_ranks(model: Any) -> list[bool]:
     return empty
 
 
-def main_rank_metadata(model: Any, read: Callable[[Any], dict[str, Any]], empty_refused: Optional[str] = None
-                       ) -> dict[str, Any]:
+def main_rank_metadata(model: Any, read: Callable[[Any], dict[str, Any]],
+                       refuse_empty: Optional[Callable[[str], str]] = None) -> dict[str, Any]:
     """``read(model)`` (the composition's JSON, fingerprints of the bases included) as rank 0 computes it, on every
     rank: the other ranks may hold the bases empty. Every rank must call it.
 
     Args:
-        empty_refused: for a layout that needs the bases whole on every rank, why: then every rank refuses a launch
-            in which some rank built them empty, naming those ranks (not only the empty ranks, which would leave
-            the others waiting in a collective).
+        refuse_empty: for a layout that needs the bases whole on every rank, the refusal's message of who built them
+            empty: then every rank refuses a launch in which some rank did, naming those ranks (not only the empty
+            ranks, which would leave the others waiting in a collective).
     """
     import torch.distributed as dist
 
     empty = _empty_ranks(model)
-    if empty_refused is not None and any(empty):
-        ranks = ", ".join(str(r) for r, is_empty in enumerate(empty) if is_empty)
-        raise ValueError(f"{empty_refused}, and rank(s) {ranks} built them empty (load_base(empty=True)): load them "
-                         "whole on every rank, or shard with sharding='fsdp2'")
+    if refuse_empty is not None and any(empty):
+        raise ValueError(refuse_empty("rank(s) " + ", ".join(str(r) for r, is_empty in enumerate(empty) if is_empty)))
     box = [read(model) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]

@@ -17,7 +17,12 @@ from typing import Any
 
 import torch
 
-EMPTY_REFUSED = "sharding='zero3' partitions the bases each rank loaded"  # why bases built empty cannot train here
+
+def empty_bases_refused(who: str) -> str:
+    """The refusal of bases built empty (``who`` built them: "this rank", "rank(s) 1"): ZeRO-3 partitions what each
+    rank loaded."""
+    return (f"sharding='zero3' partitions the bases each rank loaded, and {who} built them empty "
+            "(load_base(empty=True)): load them whole on every rank, or shard with sharding='fsdp2'")
 
 
 def check_available() -> None:
@@ -57,8 +62,7 @@ def initialize(model: Any, optimizer: torch.optim.Optimizer, config: Any) -> tup
     from .sharding import bases_empty
 
     if bases_empty(model):
-        raise ValueError(f"{EMPTY_REFUSED}, and this rank built them empty (load_base(empty=True)): load them whole "
-                         "on every rank, or shard with sharding='fsdp2'")
+        raise ValueError(empty_bases_refused("this rank"))
     if not torch.cuda.is_available():
         # on CPU ranks DeepSpeed would compile a shared-memory collective at the first launch (minutes); gloo's own
         # collectives do the same job. DeepSpeed reads this table (kept in its module) before building the op.
