@@ -13,6 +13,7 @@ is the FSDP2 path's (``train/sharding.py``). DeepSpeed is an optional dependency
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -63,6 +64,10 @@ def initialize(model: Any, optimizer: torch.optim.Optimizer, config: Any) -> tup
 
     if bases_empty(model):
         raise ValueError(empty_bases_refused("this rank"))
+    # DeepSpeed's collectives call torch.distributed functions torch has deprecated; the warnings (26 lines in a
+    # 6-step run on 2 ranks) are DeepSpeed's to act on, not the user's
+    deprecated = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
+    warnings.filterwarnings("ignore", message=deprecated, category=FutureWarning)
     if not torch.cuda.is_available():
         # on CPU ranks DeepSpeed would compile a shared-memory collective at the first launch (minutes); gloo's own
         # collectives do the same job. DeepSpeed reads this table (kept in its module) before building the op.
