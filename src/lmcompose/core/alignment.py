@@ -256,10 +256,11 @@ def align_batch(
             continue
         rows, counts = [], []
         for row, (text, anchor_ends) in zip(anchor_ids, texts_and_ends):
-            aug_ids, _ = augment_tokens(augment_tokenizer, text)
+            encoding = augment_encoding(augment_tokenizer, text)  # ids and offsets: a character augment's limits
+            aug_ids = encoding[0]
             rows.append(aug_ids)
             trailing = anchor_trailing_specials(tokenizer, list(row))
-            counts.append(settled_limits(augment_tokenizer, text, anchor_ends, aug_ids, trailing))
+            counts.append(settled_limits(augment_tokenizer, text, anchor_ends, aug_ids, trailing, encoding=encoding))
         aug_ids, aug_mask = pad_rows(rows, pad_token_id(augment_tokenizer), padding_side)  # (b, s) each
         limits = torch.zeros_like(ids)  # (b, t): an augment index counts the augment's own padding in front
         for b, (count, row) in enumerate(zip(counts, rows)):
