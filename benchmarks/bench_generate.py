@@ -19,6 +19,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 import types
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -31,7 +32,7 @@ from lmcompose import ComposedModel, CompositionConfig
 from lmcompose.model.generation import greedy_full_recompute
 from lmcompose.testing import tiny_causal_lm
 
-from common import interleaved_medians, machine, table
+from common import interleaved_medians, machine, table, timed
 
 
 def build(args: argparse.Namespace):
@@ -147,8 +148,9 @@ def generation_row(model: ComposedModel, total: int, batch: int, new: int, repea
     ]
 
 
-def cross_tokenizer_row(new: int, batch: int, repeats: int, previous) -> list:
-    """A word-level-ish BPE anchor with a character-level augment: a batch decoded at once vs prompt by prompt."""
+def cross_tokenizer_row(new: int, batch: int, repeats: int, previous) -> tuple[list, str]:
+    """A word-level-ish BPE anchor with a character-level augment: a batch decoded at once vs prompt by prompt.
+    Returns the table row and where a batched call's time goes."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
     from helpers import CORPUS, byte_bpe_tokenizer, unicode_char_tokenizer
 
@@ -172,9 +174,52 @@ def cross_tokenizer_row(new: int, batch: int, repeats: int, previous) -> list:
     seconds = interleaved_medians(cases, repeats=repeats)
     tps = {name: batch * new / s for name, s in seconds.items()}
     before = tps.get("one by one")
-    return [batch, new, f"{tps['batched']:.1f}", f"{before:.1f}" if before else "-",
-            f"{tps['batched'] / before:.1f}x" if before else "-",
-            f"{tps['anchor batched'] / tps['anchor one by one']:.1f}x"]
+    parts = batched_parts(model, lambda: model.generate(ids, attention_mask=mask, **hf))
+    row = [batch, new, f"{tps['batched']:.1f}", f"{before:.1f}" if before else "-",
+           f"{tps['batched'] / before:.1f}x" if before else "-",
+           f"{tps['anchor batched'] / tps['anchor one by one']:.1f}x"]
+    return row, parts
+
+
+def batched_parts(model: ComposedModel, run) -> str:
+    """Where one more batched call's time goes (perf_counter around the anchor's forward and the augment's), and
+    how many augment slots each row gets per step against the characters it has."""
+    from lmcompose.model.retokenized import RetokenizedAugment
+
+    spent = {"anchor": 0.0, "augment": 0.0}
+    slots, characters, steps = [0], [0], [0]
+
+    def timing(name, fn):
+        def wrapped(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - start
+        return wrapped
+
+    plain_run = RetokenizedAugment._run
+
+    def counting_run(self, model, tails, width, device):
+        if self.key_token.shape[1]:  # a decoding step (the first call reads the prompts)
+            slots[0] += width * len(tails)
+            characters[0] += sum(len(t) for t in tails)
+            steps[0] += 1
+        return plain_run(self, model, tails, width, device)
+
+    model.anchor.forward = timing("anchor", model.anchor.forward)
+    model.augment_hidden = timing("augment", model.augment_hidden)
+    RetokenizedAugment._run = counting_run
+    try:
+        total = timed(run)
+    finally:
+        del model.anchor.forward, model.augment_hidden
+        RetokenizedAugment._run = plain_run
+    rest = total - spent["anchor"] - spent["augment"]
+    share = 100 * characters[0] / max(1, slots[0])
+    return (f"one batched call: {total:.2f} s = anchor forward (with the connections) {spent['anchor']:.2f} s + "
+            f"augment {spent['augment']:.2f} s (the prompts and {steps[0]} steps) + the rest {rest:.2f} s; in those "
+            f"steps {slots[0]} augment slots, {characters[0]} of them characters ({share:.0f}%)")
 
 
 CROSS_HEADERS = ["batch", "new tokens", "batched tok/s", "previous one-by-one tok/s", "batched/previous",
@@ -198,7 +243,9 @@ def main() -> None:
     if args.cross:
         print(f"machine: {machine()}")
         print("a byte-level BPE anchor 12 x 384 and a character-level augment 8 x 256, greedy, float32\n")
-        print(table(CROSS_HEADERS, [cross_tokenizer_row(args.new, args.batch, args.repeats, previous)]))
+        row, parts = cross_tokenizer_row(args.new, args.batch, args.repeats, previous)
+        print(table(CROSS_HEADERS, [row]))
+        print(parts)
         return
     model = build(args)
     anchor, augment = model.anchor, model.augments[0]
