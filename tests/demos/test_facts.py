@@ -184,3 +184,39 @@ def test_the_character_level_row_takes_its_own_composition_steps(tmp_path, monke
     assert keyed == {row: row == "CALM (characters)" for row in rows.TRAINED_ROWS}
     unset = FactsPipelineConfig(compose_steps=150, char_compose_steps=None)  # None: the rows' steps
     assert compose_steps(unset, "CALM (characters)") == 150
+
+
+def test_the_character_augments_lookahead_adds_the_later_characters_loss_and_leaves_a_plain_model(tmp_path):
+    import torch
+    import torch.nn.functional as F
+
+    from lmcompose.demos.facts.augments import augment_loss, char_model, char_tokenizer, train_augment
+    from lmcompose.demos.facts.config import AUGMENT_FIELDS
+
+    tok = char_tokenizer()
+    model = char_model(len(tok), 2, 32, 2, seed=0)
+    batch = tok(["Kalo Dorfen lives in Paris.", "Velmar Ostrovin, Rome"], return_tensors="pt", padding=True)
+    batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    torch.manual_seed(0)
+    heads = [torch.nn.Linear(32, len(tok), bias=False) for _ in range(2)]
+    plain = augment_loss(model, every_token=True)(batch)
+    with torch.no_grad():  # by hand: the next character, plus the mean of the 2nd and 3rd ahead over real ones
+        hidden = model.get_decoder()(**batch).last_hidden_state
+        ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+        ahead = [F.cross_entropy(head(hidden[:, :-k][mask[:, k:]]), ids[:, k:][mask[:, k:]])
+                 for k, head in ((2, heads[0]), (3, heads[1]))]
+    assert augment_loss(model, every_token=True, lookahead=heads)(batch).item() == pytest.approx(
+        plain.item() + (ahead[0].item() + ahead[1].item()) / 2, rel=1e-5)
+    assert augment_loss(model, every_token=True, lookahead=())(batch).item() == plain.item()  # 1: the plain loss
+
+    task = FactsTask(FactsTaskConfig(num_people=40))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_augment(model, task, tok, per_character=True, steps=2, lr=1e-3, rows=2, length=48, seed=0, lookahead=3)
+    assert model.state_dict().keys() == before.keys()  # the heads are not part of the saved augment
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    for bad, message in ((0, "at least 1"), (2, "character-level")):
+        with pytest.raises(ValueError, match=message):
+            train_augment(model, task, tok, per_character=bad == 0, steps=1, lr=1e-3, rows=2, length=48, seed=0,
+                          lookahead=bad)
+    assert "char_lookahead" in AUGMENT_FIELDS["char"]  # a new look-ahead retrains the character augment only
+    assert FactsPipelineConfig().char_lookahead == 1  # the preset predicts the next character only

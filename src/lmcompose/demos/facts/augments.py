@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import string
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -107,9 +107,17 @@ def city_batches(task: FactsTask, tokenizer: Any, rows: int, length: int, seed: 
                "targets": city_targets(chunk, encoded["input_ids"], tokenizer, per_character)}
 
 
-def augment_loss(model: nn.Module, every_token: bool) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+def augment_loss(model: nn.Module, every_token: bool, lookahead: Sequence[nn.Module] = ()
+                 ) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
     """Cross-entropy through the model's own head at the city positions only (logits only where they count), or at
-    every position: a character model trained from scratch learns to tell names apart only by predicting them."""
+    every position: a character model trained from scratch learns to tell names apart only by predicting them.
+
+    Args:
+        lookahead: with ``every_token``, heads that predict the token 2, 3, ... places ahead from the same states
+            (multi-token prediction; their mean loss is added): a character model then holds what follows a name
+            (its city, two to four characters on) at the name's last character already, not only once it has read
+            the separator after it.
+    """
     body, head = model.get_decoder(), model.get_output_embeddings()
 
     def loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -119,24 +127,41 @@ def augment_loss(model: nn.Module, every_token: bool) -> Callable[[dict[str, tor
         else:
             targets = batch["targets"]
         keep = targets != -100  # (b, t - 1)
-        return F.cross_entropy(head(hidden[:, :-1][keep]), targets[keep])
+        total = F.cross_entropy(head(hidden[:, :-1][keep]), targets[keep])
+        if every_token and lookahead:
+            ahead = []
+            for k, extra in enumerate(lookahead, start=2):  # position t predicts token t + k
+                later = batch["input_ids"][:, k:].masked_fill(batch["attention_mask"][:, k:] == 0, -100)  # (b, t-k)
+                kept = later != -100
+                ahead.append(F.cross_entropy(extra(hidden[:, :-k][kept]), later[kept]))
+            total = total + torch.stack(ahead).mean()
+        return total
 
     return loss
 
 
 def train_augment(model: nn.Module, task: FactsTask, tokenizer: Any, *, per_character: bool, steps: int, lr: float,
                   rows: int, length: int, seed: int, trainable: Optional[list] = None, varied: bool = False,
-                  log: Optional[Callable[[str], None]] = None) -> float:
+                  lookahead: int = 1, log: Optional[Callable[[str], None]] = None) -> float:
     """Train ``model`` on the task's augment texts (loss on the cities); returns seconds.
 
     Args:
         trainable: the parameters to train (default: every one).
         varied: the texts use the task's varied forms too (:meth:`FactsTask.augment_piece`).
+        lookahead: with ``per_character``, predict the next this many characters from each position (1: the next
+            only); the heads for the later ones are trained beside the model and dropped (see :func:`augment_loss`).
     """
+    if lookahead < 1:
+        raise ValueError(f"lookahead must be at least 1 (the next token), got {lookahead}")
+    if lookahead > 1 and not per_character:
+        raise ValueError("lookahead > 1 applies to the character-level augment (its loss on every character) only")
     parameters = trainable if trainable is not None else list(model.parameters())
+    hidden, vocab = model.get_output_embeddings().in_features, model.get_output_embeddings().out_features
+    heads = [nn.Linear(hidden, vocab, bias=False) for _ in range(lookahead - 1)]  # seeded by the caller's seed
     model.train()
     batches = city_batches(task, tokenizer, rows, length, seed, per_character, varied)
-    seconds = train_loop(parameters, augment_loss(model, every_token=per_character), batches, steps, lr, log,
+    seconds = train_loop(parameters + [p for h in heads for p in h.parameters()],
+                         augment_loss(model, every_token=per_character, lookahead=heads), batches, steps, lr, log,
                          log_every=50)
     model.eval()
     return seconds

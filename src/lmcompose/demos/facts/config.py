@@ -34,6 +34,7 @@ class FactsPipelineConfig:
     char_rows: int = 16
     char_length: int = 256  # characters per row
     char_varied: bool = True  # its texts have names in more contexts (task.VARIED_STATEMENTS, VARIED_RECORDS; run 12)
+    char_lookahead: int = 1  # characters each position learns to predict (1: the next; more: multi-token prediction)
     # the compositions: (augment_layer, anchor_layer) pairs, per augment kind
     same_connections: list = field(default_factory=lambda: [[3, 18], [3, 22], [3, 26]])
     char_connections: list = field(default_factory=lambda: [[3, 18], [3, 22], [3, 26]])
@@ -75,7 +76,7 @@ class FactsPipelineConfig:
 AUGMENT_FIELDS = {
     "same": ("same_blocks", "same_trained_from", "same_steps", "same_lr", "same_rows", "same_length"),
     "char": ("char_layers", "char_hidden", "char_heads", "char_steps", "char_lr", "char_rows", "char_length",
-             "char_varied"),
+             "char_varied", "char_lookahead"),
 }
 # The settings of each augment kind, its connections included; and the augments each trained row is built on. A
 # row's cache key hashes every setting but the scoring's and the process layout's, less those of the augments

@@ -95,7 +95,8 @@ def train_augment_job(kind: str, config: FactsPipelineConfig, anchor_dir: str, f
         model = char_model(len(tokenizer), config.char_layers, config.char_hidden, config.char_heads, config.seed + 3)
         seconds = train_augment(model, task, tokenizer, per_character=True, steps=config.char_steps,
                                 lr=config.char_lr, rows=config.char_rows, length=config.char_length,
-                                seed=config.seed + 22, varied=config.char_varied, log=log)
+                                seed=config.seed + 22, varied=config.char_varied,
+                                lookahead=config.char_lookahead, log=log)
     else:
         raise ValueError(f"Unknown augment {kind!r}; expected 'same' or 'char'")
     model.save_pretrained(Path(folder) / kind)

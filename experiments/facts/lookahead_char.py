@@ -1,0 +1,56 @@
+"""The character-level augment trained to predict K characters ahead (multi-token prediction,
+``FactsPipelineConfig.char_lookahead``), then the character-level CALM row on it, scored in the facts wordings
+(LOG.md run 19). Everything goes under OUT: the anchor saved from the GGUF, the augment, the row, results.json.
+A step already done (its folder complete) is reused.
+
+    python lookahead_char.py K OUT [--threads 2] [--seed 0]
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("lookahead", type=int, help="K: characters each position predicts (1: the preset, the next only)")
+p.add_argument("out", type=Path, help="where everything is trained and saved")
+p.add_argument("--threads", type=int, default=2)
+p.add_argument("--seed", type=int, default=0, help="the demo's seed (task and models)")
+args = p.parse_args()
+
+import torch
+
+from lmcompose.demos.facts import scoring
+from lmcompose.demos.facts.config import AUGMENT_FIELDS, FactsPipelineConfig
+from lmcompose.demos.facts.rows import load_anchor, load_augment, save_anchor, train_augment_job, train_row_job
+from lmcompose.demos.facts.task import FactsTask, FactsTaskConfig
+from lmcompose.model.composed import ComposedModel
+
+config = FactsPipelineConfig(task=FactsTaskConfig(seed=args.seed), seed=args.seed, threads=args.threads,
+                             char_lookahead=args.lookahead)
+out = args.out
+out.mkdir(parents=True, exist_ok=True)
+if not (out / "anchor").exists():
+    save_anchor(out / "anchor")
+augment_dir = out / "augments" / config.fingerprint(*AUGMENT_FIELDS["char"])
+figures = {}
+if not (augment_dir / "char" / "config.json").exists():
+    figures["augment s"] = round(train_augment_job("char", config, str(out / "anchor"), str(augment_dir),
+                                                   progress=True))
+    print("augment s", figures["augment s"], flush=True)
+started = time.time()
+row = out / "row"
+if not (row / "done.json").exists():
+    print(train_row_job("CALM (characters)", config, str(out / "anchor"), {"same": "unused", "char": str(augment_dir)},
+                        str(row)), flush=True)
+    figures["row s"] = round(time.time() - started)
+anchor, tokenizer = load_anchor(out / "anchor")
+augment, augment_tokenizer = load_augment("char", augment_dir)
+model = ComposedModel.from_composition(row / "run" / "composition", anchor, augment, tokenizer=tokenizer,
+                                       augment_tokenizer=augment_tokenizer)
+torch.set_num_threads(args.threads)
+task = FactsTask(config.task)
+figures["CALM (characters)"] = scoring.fact_columns(model, tokenizer, task, config.eval_held_in, config.eval_held_out)
+figures["augment alone"] = scoring.fact_columns(augment, augment_tokenizer, task, config.eval_held_in,
+                                                config.eval_held_out)
+print(json.dumps(figures), flush=True)
+(out / "results.json").write_text(json.dumps(figures, indent=2))
