@@ -1,7 +1,7 @@
 """The character-level augment trained to predict K characters ahead (multi-token prediction,
-``FactsPipelineConfig.char_lookahead``), then the character-level CALM row on it, scored in the facts wordings
-(LOG.md run 19). Everything goes under OUT: the anchor saved from the GGUF, the augment, the row, results.json.
-A step already done (its folder complete) is reused.
+``FactsPipelineConfig.char_lookahead``), then the character-level CALM row on it, scored in the facts wordings,
+with its cost to the anchor (LOG.md run 19). Everything goes under OUT: the anchor saved from the GGUF, the augment,
+the row, results.json. A step already done (its folder complete, its figures in results.json) is reused.
 
     python lookahead_char.py K OUT [--threads 2] [--seed 0]
 """
@@ -19,7 +19,7 @@ args = p.parse_args()
 
 import torch
 
-from lmcompose.demos.facts import scoring
+from lmcompose.demos.facts import evaluation, scoring
 from lmcompose.demos.facts.config import AUGMENT_FIELDS, FactsPipelineConfig
 from lmcompose.demos.facts.rows import load_anchor, load_augment, save_anchor, train_augment_job, train_row_job
 from lmcompose.demos.facts.task import FactsTask, FactsTaskConfig
@@ -49,8 +49,22 @@ model = ComposedModel.from_composition(row / "run" / "composition", anchor, augm
                                        augment_tokenizer=augment_tokenizer)
 torch.set_num_threads(args.threads)
 task = FactsTask(config.task)
-figures["CALM (characters)"] = scoring.fact_columns(model, tokenizer, task, config.eval_held_in, config.eval_held_out)
-figures["augment alone"] = scoring.fact_columns(augment, augment_tokenizer, task, config.eval_held_in,
-                                                config.eval_held_out)
+if (out / "results.json").exists():  # scored before: keep those figures, add what is missing
+    figures = {**json.loads((out / "results.json").read_text()), **figures}
+if "CALM (characters)" not in figures:
+    figures["CALM (characters)"] = scoring.fact_columns(model, tokenizer, task, config.eval_held_in,
+                                                        config.eval_held_out)
+    figures["augment alone"] = scoring.fact_columns(augment, augment_tokenizer, task, config.eval_held_in,
+                                                    config.eval_held_out)
+if "cost" not in figures:  # what the row costs the anchor: loss and KL on pydoc text, the few-shot sums
+    started = time.time()
+    costs = evaluation.ordinary_cost(lambda b: anchor(**b, use_cache=False).logits,
+                                     {"row": scoring.composed_logits(model)},
+                                     evaluation.ordinary_windows(tokenizer, config.ordinary_tokens))
+    items = evaluation.arithmetic_items(config.skill_items)
+    figures["cost"] = {"anchor": costs["anchor"], "row": costs["row"],
+                       "sums anchor": evaluation.skill_accuracy(anchor, tokenizer, items),
+                       "sums row": evaluation.skill_accuracy(model, tokenizer, items),
+                       "seconds": round(time.time() - started)}
 print(json.dumps(figures), flush=True)
 (out / "results.json").write_text(json.dumps(figures, indent=2))
