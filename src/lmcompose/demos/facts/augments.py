@@ -122,19 +122,18 @@ def augment_loss(model: nn.Module, every_token: bool, lookahead: Sequence[nn.Mod
 
     def loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        if every_token:
-            targets = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
-        else:
-            targets = batch["targets"]
-        keep = targets != -100  # (b, t - 1)
-        total = F.cross_entropy(head(hidden[:, :-1][keep]), targets[keep])
+
+        def cross_entropy(k: int, targets: torch.Tensor, predict: nn.Module) -> torch.Tensor:
+            keep = targets != -100  # (b, t - k): position t predicts token t + k
+            return F.cross_entropy(predict(hidden[:, :-k][keep]), targets[keep])
+
+        def every_token_ahead(k: int) -> torch.Tensor:  # (b, t - k): token t + k, -100 on padding
+            return batch["input_ids"][:, k:].masked_fill(batch["attention_mask"][:, k:] == 0, -100)
+
+        total = cross_entropy(1, every_token_ahead(1) if every_token else batch["targets"], head)
         if every_token and lookahead:
-            ahead = []
-            for k, extra in enumerate(lookahead, start=2):  # position t predicts token t + k
-                later = batch["input_ids"][:, k:].masked_fill(batch["attention_mask"][:, k:] == 0, -100)  # (b, t-k)
-                kept = later != -100
-                ahead.append(F.cross_entropy(extra(hidden[:, :-k][kept]), later[kept]))
-            total = total + torch.stack(ahead).mean()
+            total = total + torch.stack([cross_entropy(k, every_token_ahead(k), extra)
+                                         for k, extra in enumerate(lookahead, start=2)]).mean()
         return total
 
     return loss
