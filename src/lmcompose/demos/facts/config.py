@@ -34,7 +34,7 @@ class FactsPipelineConfig:
     char_rows: int = 16
     char_length: int = 256  # characters per row
     char_varied: bool = True  # its texts have names in more contexts (task.VARIED_STATEMENTS, VARIED_RECORDS; run 12)
-    char_lookahead: int = 4  # characters each position learns to predict (1: the next; more: multi-token prediction; run 19)
+    char_lookahead: int = 4  # characters each position predicts (1: the next; more: multi-token prediction, run 19)
     # the compositions: (augment_layer, anchor_layer) pairs, per augment kind
     same_connections: list = field(default_factory=lambda: [[3, 18], [3, 22], [3, 26]])
     char_connections: list = field(default_factory=lambda: [[3, 18], [3, 22], [3, 26]])
