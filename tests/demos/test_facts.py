@@ -131,6 +131,11 @@ def test_the_pipeline_end_to_end_then_from_its_caches(tiny_anchor_dir, tmp_path,
     report = (out / "results.md").read_text()
     assert "| CALM (characters) |" in report and "KL from SmolLM2" in report
 
+    from lmcompose.demos.facts.scoring import score_rows
+
+    two = dataclasses.replace(tiny_config(), workers=2)  # the two scoring jobs side by side in two processes
+    assert score_rows(two, pipeline.prepare(two, out, None)) == rows
+
     calls = []
     monkeypatch.setattr(pipeline, "run_jobs", lambda fn, jobs, workers: calls.append(fn) or [])
     again = pipeline.run_demo(str(out), progress=False, config=tiny_config())

@@ -127,3 +127,34 @@ def checkpointed_blocks(blocks: Sequence[nn.Module], checkpoint_kwargs: dict[str
                 del block.forward
             else:
                 block.forward = forward
+
+
+@contextmanager
+def head_at(head: nn.Module, keep: torch.Tensor) -> Iterator[None]:
+    """While active, the LM head ``head`` computes its output only at the positions where ``keep`` is True and gives
+    zeros elsewhere: a training step that scores a few positions of each row does not pay the vocabulary-wide matmul
+    (forward and backward) at the others. A head called on other shapes (``logits_to_keep``) runs as usual.
+
+    Args:
+        head: the anchor's output embeddings (hidden states (b, t, D) -> logits (b, t, V)).
+        keep: (b, t) bool, the positions whose logits are read.
+    """
+    saved = head.__dict__.get("forward")  # a forward set on the instance (e.g. by accelerate)
+    forward = head.forward
+
+    def sparse(hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.shape[:2] != keep.shape:
+            return forward(hidden)
+        kept = forward(hidden[keep])  # (n, V)
+        logits = kept.new_zeros(*keep.shape, kept.shape[-1])  # (b, t, V)
+        logits[keep] = kept
+        return logits
+
+    head.forward = sparse
+    try:
+        yield
+    finally:
+        if saved is None:
+            del head.forward
+        else:
+            head.forward = saved

@@ -7,10 +7,13 @@ is split into micro-batches and processes does not change it.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
+from ..core.padding import IGNORE_INDEX
+from ..model.hooks import head_at
 from .evaluation import token_loss_sum
 from .preservation import preservation_kl_sum
 
@@ -45,6 +48,36 @@ def step_totals(accelerator: Any, batches: list[dict[str, Any]]) -> torch.Tensor
     return totals
 
 
+def scored_positions(labels: torch.Tensor, attention_mask: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
+    """(B, T) bool: the positions whose logits a micro-batch's loss reads: those that predict a target token, and
+    every position of the preservation rows ``rows`` (B,) (their KL counts each one).
+
+    Args:
+        labels: (B, T), -100 where there is no target (shifted as in transformers: position t predicts t + 1).
+        attention_mask: (B, T), 1 for tokens.
+        rows: (B,) bool or None.
+    """
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    if rows is not None:
+        keep[rows] |= attention_mask[rows].bool()
+    return keep
+
+
+@contextmanager
+def scored_logits_only(model: Any, labels: torch.Tensor, attention_mask: torch.Tensor,
+                       rows: Optional[torch.Tensor]) -> Iterator[None]:
+    """While active, the anchor's LM head computes the logits at :func:`scored_positions` only (zeros elsewhere,
+    where the loss does not look): the same loss and gradients without the vocabulary-wide matmul at every other
+    position. A model without output embeddings runs as it is."""
+    head = model.anchor.get_output_embeddings() if hasattr(model, "anchor") else None
+    if head is None:
+        yield
+        return
+    with head_at(head, scored_positions(labels, attention_mask, rows).to(labels.device)):
+        yield
+
+
 def micro_batch_loss(forward: Callable[..., Any], model: Any, batch: dict[str, Any], totals: torch.Tensor,
                      preserve_weight: float, processes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A micro-batch's share of its step's loss, and its share of the step's preservation KL (detached).
@@ -61,7 +94,8 @@ def micro_batch_loss(forward: Callable[..., Any], model: Any, batch: dict[str, A
     """
     batch = dict(batch)
     rows, labels = batch.pop("preserve_rows", None), batch.pop("labels")
-    out = forward(**batch)  # no labels: the loss is summed here, not averaged over this micro-batch
+    with scored_logits_only(model, labels, batch["attention_mask"], rows):
+        out = forward(**batch)  # no labels: the loss is summed here, not averaged over this micro-batch
     targets, positions = totals.clamp(min=1).tolist()
     loss = token_loss_sum(out.logits, labels)[0] * (processes / targets)
     kl = torch.zeros((), device=loss.device)

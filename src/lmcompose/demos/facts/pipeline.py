@@ -10,12 +10,9 @@ one with other settings, reuses every augment and row whose settings did not cha
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
-
-import torch
 
 from ..jobs import run_jobs
 from ..output import demo_output
@@ -84,10 +81,8 @@ def run_demo(output_dir: str, progress: bool = True, config: Optional[FactsPipel
         log = print if progress else None
         started = time.time()
         prepared = prepare(config, out, log)
-        if config.threads:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1)))  # scoring runs in this process alone
         scoring_started = time.time()
-        rows = score_rows(config, FactsTask(config.task), prepared, log)
+        rows = score_rows(config, prepared, progress)
         seconds = {**prepared["seconds"], "scoring": round(time.time() - scoring_started, 1),
                    "total": round(time.time() - started, 1)}
         task = FactsTask(config.task)

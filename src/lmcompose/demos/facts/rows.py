@@ -19,8 +19,10 @@ from ...core.config import CompositionConfig
 from ...io.datasets import TokenizedDataset, tokenize_records
 from ...io.jsonl import Records
 from ...model.composed import ComposedModel
+from ...model.hooks import head_at
 from ...train import TrainingConfig, train
 from ...train.base_training import train_loop
+from ...train.objective import scored_positions
 from .augments import char_model, char_tokenizer, first_blocks, train_augment
 from .config import FactsPipelineConfig, compose_steps
 from .task import DC_WORDINGS, KNOWN_PEOPLE, FactsTask
@@ -216,8 +218,14 @@ def _train_baseline(name: str, config: FactsPipelineConfig, anchor: nn.Module, t
         model, lr, extra = anchor, config.finetune_lr, {}
         model.requires_grad_(True)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    head = anchor.get_output_embeddings()
+
+    def loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with head_at(head, scored_positions(batch["labels"], batch["attention_mask"], None)):  # the city token only
+            return model(**batch).loss
+
     model.train()
-    train_loop(trainable, lambda b: model(**b).loss, batches, config.baseline_steps, lr, log, log_every=50)
+    train_loop(trainable, loss, batches, config.baseline_steps, lr, log, log_every=50)
     model.eval()
     model.save_pretrained(out / "model")
     return {"trainable_params": sum(p.numel() for p in trainable), **extra}

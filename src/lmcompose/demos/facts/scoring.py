@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import copy
+import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from ...core.alignment import align_batch
 from ...model.composed import ComposedModel
+from ..jobs import run_jobs
 from .evaluation import arithmetic_items, fact_accuracy, ordinary_cost, ordinary_windows, skill_accuracy
 from .rows import BASELINE_ROWS, CALM_ROWS, load_anchor, load_augment
 from .task import DC_WORDINGS, UNSEEN_WORDINGS, FactsTask
@@ -62,14 +64,36 @@ def trained_models(prepared: dict[str, Any], anchor: nn.Module, tokenizer: Any) 
     return models
 
 
+SCORING_JOBS = ("facts", "ordinary")  # the facts and skill columns of every row; the loss and KL of every row
+
+
 @torch.no_grad()
-def score_rows(config: Any, task: FactsTask, prepared: dict[str, Any],
-               log: Optional[Callable[[str], None]] = None) -> dict[str, dict[str, Any]]:
-    """Every row's columns: facts per wording (held-in, held-out), the skill, the loss and KL on ordinary text, and
-    for trained rows their parameter count and training seconds."""
+def scoring_job(part: str, config: Any, prepared: dict[str, Any], threads: int, progress: bool = False
+                ) -> dict[str, dict[str, Any]]:
+    """One part of :data:`SCORING_JOBS` for every row (a worker process runs each): ``"facts"`` gives the exact
+    match per wording (held-in, held-out) and the skill, ``"ordinary"`` the loss and KL on ordinary text.
+
+    Args:
+        prepared: :func:`~lmcompose.demos.facts.pipeline.prepare`'s result.
+        threads: torch threads of this process.
+    """
+    torch.set_num_threads(threads)
+    log = (lambda m: print(f"[scoring {part}] {m}", flush=True)) if progress else None
     prepared = {**prepared, "config": config}
     anchor, tokenizer = load_anchor(prepared["folders"]["anchor"])
-    items = arithmetic_items(config.skill_items)
+    models = trained_models(prepared, anchor, tokenizer)
+    if part == "ordinary":
+        started = time.time()
+        logits = {name: (composed_logits(m) if isinstance(m, ComposedModel) else (lambda b, m=m: m(**b, use_cache=False).logits))
+                  for name, m in models.items()}
+        costs = ordinary_cost(lambda b: anchor(**b, use_cache=False).logits, logits,
+                              ordinary_windows(tokenizer, config.ordinary_tokens))
+        if log:
+            log(f"{config.ordinary_tokens} tokens for {len(costs)} models in {time.time() - started:.0f}s")
+        return {("SmolLM2 alone" if name == "anchor" else name): cost for name, cost in costs.items()}
+    if part != "facts":
+        raise ValueError(f"Unknown scoring part {part!r}; expected one of {SCORING_JOBS}")
+    task, items = FactsTask(config.task), arithmetic_items(config.skill_items)
     rows: dict[str, dict[str, Any]] = {}
 
     def score(name: str, model: Any, model_tokenizer: Any, skill: bool = True) -> None:
@@ -77,7 +101,6 @@ def score_rows(config: Any, task: FactsTask, prepared: dict[str, Any],
         rows[name] = fact_columns(model, model_tokenizer, task, config.eval_held_in, config.eval_held_out)
         if skill:
             rows[name]["skill"] = round(skill_accuracy(model, model_tokenizer, items), 1)
-        rows[name].update(prepared["rows"].get(name, {}))
         if log:
             log(f"{name}: scored in {time.time() - started:.0f}s")
 
@@ -85,16 +108,17 @@ def score_rows(config: Any, task: FactsTask, prepared: dict[str, Any],
     for kind, name in (("same", "augment alone (same tokenizer)"), ("char", "augment alone (characters)")):
         augment, augment_tokenizer = load_augment(kind, prepared["folders"]["augments"][kind])
         score(name, augment, augment_tokenizer or tokenizer, skill=False)
-    models = trained_models(prepared, anchor, tokenizer)
     for name, model in models.items():
         score(name, model, tokenizer)
-    started = time.time()
-    logits = {name: (composed_logits(m) if isinstance(m, ComposedModel) else (lambda b, m=m: m(**b, use_cache=False).logits))
-              for name, m in models.items()}
-    costs = ordinary_cost(lambda b: anchor(**b, use_cache=False).logits, logits, ordinary_windows(tokenizer, config.ordinary_tokens))
-    rows["SmolLM2 alone"].update(costs.pop("anchor"))
-    for name, cost in costs.items():
-        rows[name].update(cost)
-    if log:
-        log(f"ordinary text: {config.ordinary_tokens} tokens for {len(costs) + 1} models in {time.time() - started:.0f}s")
     return rows
+
+
+def score_rows(config: Any, prepared: dict[str, Any], progress: bool = False) -> dict[str, dict[str, Any]]:
+    """Every row's columns: facts per wording (held-in, held-out), the skill, the loss and KL on ordinary text, and
+    for trained rows their parameter count and training seconds. The two :data:`SCORING_JOBS` run side by side in
+    ``config.workers`` processes (one thread each), or one after the other in this process on every core."""
+    workers = min(len(SCORING_JOBS), config.workers)
+    threads = config.threads if workers > 1 else max(1, os.cpu_count() or 1)
+    jobs = [(part, config, prepared, threads, progress) for part in SCORING_JOBS]
+    facts, costs = run_jobs(scoring_job, jobs, workers)
+    return {name: {**columns, **prepared["rows"].get(name, {}), **costs.get(name, {})} for name, columns in facts.items()}
