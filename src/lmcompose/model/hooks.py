@@ -101,6 +101,23 @@ def residual_updates(blocks: Sequence[nn.Module], updates: dict[int, Update]) ->
 
 
 @contextmanager
+def forwards_wrapped(modules: Sequence[nn.Module], wrap: Callable[[Callable], Callable]) -> Iterator[None]:
+    """While active, each module's ``forward`` is ``wrap(forward)``; afterwards it is what it was, a forward set on
+    the instance (e.g. by accelerate) included."""
+    saved = [module.__dict__.get("forward") for module in modules]
+    for module in modules:
+        module.forward = wrap(module.forward)
+    try:
+        yield
+    finally:
+        for module, forward in zip(modules, saved):
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
+
+
+@contextmanager
 def checkpointed_blocks(blocks: Sequence[nn.Module], checkpoint_kwargs: dict[str, Any]) -> Iterator[None]:
     """While active, each block's forward runs under ``torch.utils.checkpoint``: its activations are recomputed in
     the backward pass instead of kept. Forward hooks (the residual updates) stay outside the recomputation.
@@ -109,24 +126,14 @@ def checkpointed_blocks(blocks: Sequence[nn.Module], checkpoint_kwargs: dict[str
         blocks: the decoder blocks.
         checkpoint_kwargs: passed to ``torch.utils.checkpoint.checkpoint`` (e.g. ``use_reentrant=False``).
     """
-    saved = [block.__dict__.get("forward") for block in blocks]  # a forward set on the instance (e.g. by accelerate)
-
     def checkpointed(forward: Callable) -> Callable:
         def run(*args: Any, **kwargs: Any) -> Any:
             return torch.utils.checkpoint.checkpoint(forward, *args, **checkpoint_kwargs, **kwargs)
 
         return run
 
-    for block in blocks:
-        block.forward = checkpointed(block.forward)
-    try:
+    with forwards_wrapped(blocks, checkpointed):
         yield
-    finally:
-        for block, forward in zip(blocks, saved):
-            if forward is None:
-                del block.forward
-            else:
-                block.forward = forward
 
 
 @contextmanager
@@ -139,22 +146,16 @@ def head_at(head: nn.Module, keep: torch.Tensor) -> Iterator[None]:
         head: the anchor's output embeddings (hidden states (b, t, D) -> logits (b, t, V)).
         keep: (b, t) bool, the positions whose logits are read.
     """
-    saved = head.__dict__.get("forward")  # a forward set on the instance (e.g. by accelerate)
-    forward = head.forward
+    def sparse(forward: Callable) -> Callable:
+        def run(hidden: torch.Tensor) -> torch.Tensor:
+            if hidden.shape[:2] != keep.shape:
+                return forward(hidden)
+            kept = forward(hidden[keep])  # (n, V)
+            logits = kept.new_zeros(*keep.shape, kept.shape[-1])  # (b, t, V)
+            logits[keep] = kept
+            return logits
 
-    def sparse(hidden: torch.Tensor) -> torch.Tensor:
-        if hidden.shape[:2] != keep.shape:
-            return forward(hidden)
-        kept = forward(hidden[keep])  # (n, V)
-        logits = kept.new_zeros(*keep.shape, kept.shape[-1])  # (b, t, V)
-        logits[keep] = kept
-        return logits
+        return run
 
-    head.forward = sparse
-    try:
+    with forwards_wrapped([head], sparse):
         yield
-    finally:
-        if saved is None:
-            del head.forward
-        else:
-            head.forward = saved

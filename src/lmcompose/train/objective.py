@@ -74,7 +74,7 @@ def scored_logits_only(model: Any, labels: torch.Tensor, attention_mask: torch.T
     if head is None:
         yield
         return
-    with head_at(head, scored_positions(labels, attention_mask, rows).to(labels.device)):
+    with head_at(head, scored_positions(labels, attention_mask, rows)):
         yield
 
 
