@@ -3,7 +3,7 @@
 with its cost to the anchor (LOG.md run 19). Everything goes under OUT: the anchor saved from the GGUF, the augment,
 the row, results.json. A step already done (its folder complete, its figures in results.json) is reused.
 
-    python lookahead_char.py K OUT [--threads 2] [--seed 0]
+    python lookahead_char.py K OUT [--threads 2] [--seed 0] [--compose-steps N]
 """
 import argparse
 import json
@@ -15,6 +15,8 @@ p.add_argument("lookahead", type=int, help="K: characters each position predicts
 p.add_argument("out", type=Path, help="where everything is trained and saved")
 p.add_argument("--threads", type=int, default=2)
 p.add_argument("--seed", type=int, default=0, help="the demo's seed (task and models)")
+p.add_argument("--compose-steps", type=int, default=None,
+               help="the row's composition steps (default: the preset's char_compose_steps)")
 args = p.parse_args()
 
 import torch
@@ -27,6 +29,8 @@ from lmcompose.model.composed import ComposedModel
 
 config = FactsPipelineConfig(task=FactsTaskConfig(seed=args.seed), seed=args.seed, threads=args.threads,
                              char_lookahead=args.lookahead)
+if args.compose_steps is not None:
+    config.char_compose_steps = args.compose_steps
 out = args.out
 out.mkdir(parents=True, exist_ok=True)
 if not (out / "anchor").exists():
