@@ -1,7 +1,7 @@
 """The character-level augment trained to predict K characters ahead (multi-token prediction,
 ``FactsPipelineConfig.char_lookahead``), then the character-level CALM row on it, scored in the facts wordings,
-with its cost to the anchor (LOG.md run 19). Everything goes under OUT: the anchor saved from the GGUF, the augment,
-the row, results.json. A step already done (its folder complete, its figures in results.json) is reused.
+with its cost to the anchor (LOG.md runs 19 and 24). Everything goes under OUT: the anchor saved from the GGUF, the
+augment, the row, results.json. A step already done (its folder complete, its figures in results.json) is reused.
 
     python lookahead_char.py K OUT [--threads 2] [--seed 0] [--compose-steps N]
 """
