@@ -2,6 +2,8 @@
 ``FactsPipelineConfig.char_lookahead``), then the character-level CALM row on it, scored in the facts wordings,
 with its cost to the anchor (LOG.md runs 19 and 24). Everything goes under OUT: the anchor saved from the GGUF, the
 augment, the row, results.json. A step already done (its folder complete, its figures in results.json) is reused.
+It runs in this process with the machine's own CPU kernels; the demo holds its jobs to AVX2 ones
+(``FactsPipelineConfig.cpu_kernels``, run 25), which ``ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2`` before the command gives.
 
     python lookahead_char.py K OUT [--threads 2] [--seed 0] [--compose-steps N]
 """

@@ -5,6 +5,7 @@ import itertools
 import json
 
 import pytest
+import torch
 
 from lmcompose.demos.facts.config import FactsPipelineConfig
 from lmcompose.demos.facts.task import CITIES, DC_WORDINGS, UNSEEN_WORDINGS, FactsTask, FactsTaskConfig, answer_of, city_of
@@ -84,7 +85,7 @@ def tiny_config() -> FactsPipelineConfig:
         same_connections=[[1, 1], [1, 3]], char_connections=[[0, 2]], compose_steps=2, char_compose_steps=2,
         compose_batch=4,
         baseline_steps=2, preserve_length=8, eval_held_in=3, eval_held_out=4, ordinary_tokens=256, skill_items=5,
-        workers=1)
+        cpu_kernels=None, workers=1)  # every job in this process
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +107,8 @@ def tiny_anchor_dir(tmp_path_factory):
 
 
 def test_the_pipeline_end_to_end_then_from_its_caches(tiny_anchor_dir, tmp_path, monkeypatch):
-    import shutil
-
     import dataclasses
+    import shutil
 
     import lmcompose.demos.facts.pipeline as pipeline
     from lmcompose.demos.jobs import run_jobs
@@ -130,6 +130,8 @@ def test_the_pipeline_end_to_end_then_from_its_caches(tiny_anchor_dir, tmp_path,
     assert results["cached"] == {"augments": False, "rows": False}
     report = (out / "results.md").read_text()
     assert "| CALM (characters) |" in report and "KL from SmolLM2" in report
+    assert results["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # cpu_kernels=None: this process's
+    assert f"CPU kernels: {results['cpu_capability']} " in report
 
     from lmcompose.demos.facts.scoring import score_rows
 
@@ -137,19 +139,48 @@ def test_the_pipeline_end_to_end_then_from_its_caches(tiny_anchor_dir, tmp_path,
     assert score_rows(two, pipeline.prepare(two, out, None)) == rows
 
     calls = []
-    monkeypatch.setattr(pipeline, "run_jobs", lambda fn, jobs, workers: calls.append(fn) or [])
+
+    def untrained(fn, jobs, workers, environment):  # what the demo runs, recorded; only the kernels' query runs
+        calls.append(fn.__name__)
+        return run_jobs(fn, jobs, workers, environment) if fn.__name__ == "cpu_capability" else []
+
+    monkeypatch.setattr(pipeline, "run_jobs", untrained)
     again = pipeline.run_demo(str(out), progress=False, config=tiny_config())
-    assert calls == [] and again["cached"] == {"augments": True, "rows": True}  # nothing trained the second time
+    assert calls == ["cpu_capability"] and again["cached"] == {"augments": True, "rows": True}  # nothing trained
     assert again["rows"] == rows
     assert json.loads((out / "results.json").read_text())["rows"] == rows
 
     # another setting of the character-level augment retrains it and the one row built on it, nothing else
-    monkeypatch.setattr(pipeline, "run_jobs", lambda fn, jobs, workers: calls.append([j[0] for j in jobs])
-                        or run_jobs(fn, jobs, workers))
+    calls.clear()
+    monkeypatch.setattr(pipeline, "run_jobs", lambda fn, jobs, workers, env: calls.append([j[0] for j in jobs if j])
+                        or run_jobs(fn, jobs, workers, env))
     changed = pipeline.run_demo(str(out), progress=False, config=dataclasses.replace(tiny_config(), char_steps=2))
-    assert calls == [["char"], ["CALM (characters)"]]
+    assert calls == [["char"], ["CALM (characters)"], []]  # the last: the jobs' CPU kernels
     assert {k: v for k, v in changed["rows"].items() if "characters" not in k} == \
         {k: v for k, v in rows.items() if "characters" not in k}
+
+
+def test_the_cpu_kernels_reach_every_job_key_every_cache_and_leave_this_process_as_it_was(monkeypatch):
+    import os
+
+    from lmcompose.demos.facts.config import AUGMENT_FIELDS, job_environment, row_fields
+    from lmcompose.demos.facts.rows import TRAINED_ROWS
+    from lmcompose.demos.jobs import cpu_capability, run_jobs
+
+    assert job_environment(FactsPipelineConfig()) == {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}  # the preset
+    assert job_environment(FactsPipelineConfig(cpu_kernels=None)) == {}
+    with pytest.raises(ValueError, match=r"cpu_kernels='sse4' is not .* use one of \('avx2', 'avx512'\), or None"):
+        job_environment(FactsPipelineConfig(cpu_kernels="sse4"))
+    # a worker starts with the variables (torch reads them as it loads); this process keeps its own
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    own, environ = cpu_capability(), dict(os.environ)
+    assert run_jobs(cpu_capability, [()], 1, {"ATEN_CPU_CAPABILITY": "default"}) == ["DEFAULT"]
+    assert cpu_capability() == own and dict(os.environ) == environ
+    assert run_jobs(cpu_capability, [()], 1) == [own]  # no environment: in this process
+    # models trained with other kernels are other models: each augment's and row's cache key holds them
+    pinned, native = FactsPipelineConfig(), FactsPipelineConfig(cpu_kernels=None)
+    for fields in [AUGMENT_FIELDS[kind] for kind in AUGMENT_FIELDS] + [row_fields(pinned, r) for r in TRAINED_ROWS]:
+        assert pinned.fingerprint(*fields) != native.fingerprint(*fields)
 
 
 def test_an_interrupted_row_is_not_marked_done(tmp_path, monkeypatch):

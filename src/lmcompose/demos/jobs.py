@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import os
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 
 def _quiet_worker() -> None:
@@ -11,13 +13,43 @@ def _quiet_worker() -> None:
     hf_logging.disable_progress_bar()  # in a worker the jobs' own progress lines are what the user follows
 
 
-def run_jobs(fn: Callable, jobs: list[tuple], workers: int) -> list:
-    """``[fn(*job) for job in jobs]``, in ``workers`` processes when more than one (``fn`` must be importable)."""
-    if workers <= 1:
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``values`` set, as it was again after: what a process started inside inherits."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def run_jobs(fn: Callable, jobs: list[tuple], workers: int, environment: Optional[dict[str, str]] = None) -> list:
+    """``[fn(*job) for job in jobs]``, in ``workers`` processes when more than one (``fn`` must be importable).
+
+    Args:
+        environment: variables the worker processes start with (read by libraries as they load, such as
+            ``ATEN_CPU_CAPABILITY``, too late to change in this process): given, the jobs always run in workers,
+            at least one; this process's own environment is left as it was.
+    """
+    if workers <= 1 and not environment:
         return [fn(*job) for job in jobs]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     # spawn, not fork: a forked child of a process that already ran torch ops can deadlock in OpenMP
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_quiet_worker) as pool:
-        return list(pool.map(fn, *zip(*jobs)))
+    with _environment(environment or {}), ProcessPoolExecutor(
+            max(1, workers), mp_context=multiprocessing.get_context("spawn"), initializer=_quiet_worker) as pool:
+        futures = [pool.submit(fn, *job) for job in jobs]
+        return [future.result() for future in futures]
+
+
+def cpu_capability() -> str:
+    """The vector instructions torch's CPU kernels use in this process (``torch.backends.cpu``): AVX2, AVX512, ..."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()

@@ -58,6 +58,7 @@ class FactsPipelineConfig:
     eval_held_out: int = 300  # held-out people asked in every wording
     ordinary_tokens: int = 20480  # tokens of pydoc_data.topics for the loss and KL columns
     skill_items: Optional[int] = None  # few-shot sums scored (None: all 81 pairs of 1..9)
+    cpu_kernels: Optional[str] = "avx2"  # the CPU vector instructions of every job (see job_environment; run 25)
     threads: int = 1  # torch threads per process
     workers: int = 2  # processes training side by side
     seed: int = 0  # seed of every model and data stream (the task has its own seed)
@@ -67,9 +68,10 @@ class FactsPipelineConfig:
         return asdict(self)
 
     def fingerprint(self, *names: str) -> str:
-        """A short hash of the task, the seed and the named fields (the cache key of what they decide)."""
+        """A short hash of the task, the seed, the CPU kernels and the named fields (the cache key of what they
+        decide)."""
         d = self.to_dict()
-        keep = {"task": d["task"], "seed": d["seed"], **{n: d[n] for n in names}}
+        keep = {"task": d["task"], "seed": d["seed"], "cpu_kernels": d["cpu_kernels"], **{n: d[n] for n in names}}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -90,6 +92,25 @@ ROW_AUGMENTS = {"CALM (same tokenizer)": ("same",), "CALM (characters)": ("char"
 RUN_FIELDS = ("ordinary_tokens", "skill_items", "threads", "workers")  # how the demo scores and runs, not training
 
 
+CPU_KERNELS = ("avx2", "avx512")
+
+
+def job_environment(config: FactsPipelineConfig) -> dict[str, str]:
+    """The environment every job of the demo starts with (in a worker process): torch's and MKL's CPU kernels held
+    to ``config.cpu_kernels``'s vector instructions, so that machines with more of them (AVX-512) compute the same
+    floats as those with just these (AVX2), and train the same models; ``{}`` (the machine's own) for None.
+
+    ``ATEN_CPU_CAPABILITY`` picks torch's own kernels, ``MKL_CBWR`` MKL's matrix products; a CPU without the
+    instructions keeps its own (torch.backends.cpu.get_cpu_capability() says which a process uses).
+    """
+    if config.cpu_kernels is None:
+        return {}
+    if config.cpu_kernels not in CPU_KERNELS:
+        raise ValueError(f"cpu_kernels={config.cpu_kernels!r} is not a set of CPU vector instructions torch and MKL "
+                         f"can be held to; use one of {CPU_KERNELS}, or None for the machine's own")
+    return {"ATEN_CPU_CAPABILITY": config.cpu_kernels, "MKL_CBWR": config.cpu_kernels.upper()}
+
+
 def compose_steps(config: FactsPipelineConfig, row: str) -> int:
     """The composition steps of the CALM row ``row``."""
     if "char" in ROW_AUGMENTS[row] and config.char_compose_steps is not None:
@@ -100,5 +121,5 @@ def compose_steps(config: FactsPipelineConfig, row: str) -> int:
 def row_fields(config: FactsPipelineConfig, row: str) -> tuple[str, ...]:
     """The settings that key ``row``'s cache (see ROW_AUGMENTS)."""
     others = {f for kind, fields in KIND_FIELDS.items() if kind not in ROW_AUGMENTS[row] for f in fields}
-    return tuple(f for f in config.to_dict() if f not in ("task", "seed") and not f.startswith("eval_")
+    return tuple(f for f in config.to_dict() if f not in ("task", "seed", "cpu_kernels") and not f.startswith("eval_")
                  and f not in RUN_FIELDS and f not in others)

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..jobs import run_jobs
+from ..jobs import cpu_capability, run_jobs
 from ..output import demo_output
-from .config import AUGMENT_FIELDS, FactsPipelineConfig, row_fields
+from .config import AUGMENT_FIELDS, FactsPipelineConfig, job_environment, row_fields
 from .rows import TRAINED_ROWS, row_folder_name, save_anchor, train_augment_job, train_row_job
 from .task import FactsTask
 
@@ -31,6 +31,7 @@ def prepare(config: FactsPipelineConfig, out: Path, log: Optional[Callable[[str]
         "cached": {...}, "rows": {row: its done.json}}.
     """
     anchor_dir = out / "anchor"
+    environment = job_environment(config)
     seconds: dict[str, float] = {}
     started = time.time()
     if not anchor_dir.is_dir():
@@ -41,7 +42,8 @@ def prepare(config: FactsPipelineConfig, out: Path, log: Optional[Callable[[str]
     if missing:
         started = time.time()
         jobs = [(kind, config, str(anchor_dir), str(augments[kind]), log is not None) for kind in missing]
-        for kind, taken in zip(missing, run_jobs(train_augment_job, jobs, min(len(jobs), config.workers))):
+        for kind, taken in zip(missing, run_jobs(train_augment_job, jobs, min(len(jobs), config.workers),
+                                                   environment)):
             seconds[f"augment {kind}"] = round(taken, 1)
         seconds["augments (wall)"] = round(time.time() - started, 1)
     rows_dirs = {row: out / "rows" / config.fingerprint(*row_fields(config, row)) / row_folder_name(row)
@@ -51,7 +53,7 @@ def prepare(config: FactsPipelineConfig, out: Path, log: Optional[Callable[[str]
         started = time.time()
         augment_dirs = {kind: str(folder) for kind, folder in augments.items()}
         jobs = [(row, config, str(anchor_dir), augment_dirs, str(rows_dirs[row]), log is not None) for row in todo]
-        run_jobs(train_row_job, jobs, min(len(jobs), config.workers))
+        run_jobs(train_row_job, jobs, min(len(jobs), config.workers), environment)
         seconds["rows (wall)"] = round(time.time() - started, 1)
     rows = {row: json.loads((rows_dirs[row] / "done.json").read_text()) for row in TRAINED_ROWS}
     return {"folders": {"anchor": anchor_dir, "augments": augments, "rows": rows_dirs}, "seconds": seconds,
@@ -86,7 +88,9 @@ def run_demo(output_dir: str, progress: bool = True, config: Optional[FactsPipel
         seconds = {**prepared["seconds"], "scoring": round(time.time() - scoring_started, 1),
                    "total": round(time.time() - started, 1)}
         task = FactsTask(config.task)
-        results = {"demo": DEMO, "config": config.to_dict(), "rows": rows, "seconds": seconds,
+        capability = run_jobs(cpu_capability, [()], 1, job_environment(config))[0]  # what the jobs computed with
+        results = {"demo": DEMO, "config": config.to_dict(), "cpu_capability": capability, "rows": rows,
+                   "seconds": seconds,
                    "cached": prepared["cached"], "held_in_people": len(task.held_in), "held_out_people": len(task.held_out)}
         write_report(results, out)
     return results

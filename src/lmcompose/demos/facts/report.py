@@ -52,7 +52,9 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {row['loss']:.4f} | {change:+.2f}% | {row['kl']:.4f} | {_cell(row, 'skill')} | "
                      f"{_cell(row, 'trainable_params')} | {_cell(row, 'train_seconds', 0)} |")
     lines += ["", "Seconds: " + ", ".join(f"{k} {v}" for k, v in results["seconds"].items()),
-              f"Cached: {json.dumps(results['cached'])}", ""]
+              f"Cached: {json.dumps(results['cached'])}",
+              f"CPU kernels: {results.get('cpu_capability', 'not recorded')} (every job's "
+              "torch.backends.cpu.get_cpu_capability(); the figures depend on it)", ""]
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ from torch import nn
 from ...core.alignment import align_batch
 from ...model.composed import ComposedModel
 from ..jobs import run_jobs
+from .config import job_environment
 from .evaluation import arithmetic_items, fact_accuracy, ordinary_cost, ordinary_windows, skill_accuracy
 from .rows import BASELINE_ROWS, CALM_ROWS, load_anchor, load_augment
 from .task import DC_WORDINGS, UNSEEN_WORDINGS, FactsTask
@@ -116,9 +117,10 @@ def scoring_job(part: str, config: Any, prepared: dict[str, Any], threads: int, 
 def score_rows(config: Any, prepared: dict[str, Any], progress: bool = False) -> dict[str, dict[str, Any]]:
     """Every row's columns: facts per wording (held-in, held-out), the skill, the loss and KL on ordinary text, and
     for trained rows their parameter count and training seconds. The two :data:`SCORING_JOBS` run side by side in
-    ``config.workers`` processes (one thread each), or one after the other in this process on every core."""
+    ``config.workers`` processes (one thread each), or one after the other in one process on every core (this one
+    unless :func:`~lmcompose.demos.facts.config.job_environment` holds the kernels)."""
     workers = min(len(SCORING_JOBS), config.workers)
     threads = config.threads if workers > 1 else max(1, os.cpu_count() or 1)
     jobs = [(part, config, prepared, threads, progress) for part in SCORING_JOBS]
-    facts, costs = run_jobs(scoring_job, jobs, workers)
+    facts, costs = run_jobs(scoring_job, jobs, workers, job_environment(config))
     return {name: {**columns, **prepared["rows"].get(name, {}), **costs.get(name, {})} for name, columns in facts.items()}
