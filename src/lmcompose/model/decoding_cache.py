@@ -200,10 +200,18 @@ class ComposedCache(Cache):
             retokenized.rows = []
         self.token_ids = None
 
-    def activate_past_recording(self) -> None:
-        """Let every part roll back (assisted decoding)."""
+    def activate_past_recording(self, **kwargs: Any) -> None:
+        """Let every part roll back (assisted decoding); ``kwargs`` are generate's own (``recurrent_states_to_keep``
+        in transformers >= 5.25) and go to each part."""
         for part in self._parts():
-            part.activate_past_recording()
+            part.activate_past_recording(**kwargs)
+
+    def get_recurrent_states_to_keep(self, layer_idx: Optional[int] = None) -> int:
+        """The recurrent states the anchor's layer ``layer_idx`` keeps while recording, or the most any part keeps
+        (0 for attention layers, which have none)."""
+        parts = [self.anchor] if layer_idx is not None else self._parts()
+        return max(part.get_recurrent_states_to_keep(layer_idx) if hasattr(part, "get_recurrent_states_to_keep")
+                   else 0 for part in parts)
 
     @property
     def batch_size(self) -> int:
