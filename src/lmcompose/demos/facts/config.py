@@ -100,8 +100,8 @@ def job_environment(config: FactsPipelineConfig) -> dict[str, str]:
     to ``config.cpu_kernels``'s vector instructions, so that machines with more of them (AVX-512) compute the same
     floats as those with just these (AVX2), and train the same models; ``{}`` (the machine's own) for None.
 
-    ``ATEN_CPU_CAPABILITY`` picks torch's own kernels, ``MKL_CBWR`` MKL's matrix products; a CPU without the
-    instructions keeps its own (torch.backends.cpu.get_cpu_capability() says which a process uses).
+    ``ATEN_CPU_CAPABILITY`` picks torch's own kernels (on a CPU without those instructions torch keeps its own;
+    torch.backends.cpu.get_cpu_capability() says which a process uses), ``MKL_CBWR`` MKL's matrix products.
     """
     if config.cpu_kernels is None:
         return {}
