@@ -20,14 +20,13 @@ import argparse
 import contextlib
 import os
 import sys
-from types import SimpleNamespace
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch
 
-from common import interleaved_medians, machine, table
+from common import facts_calm_step, interleaved_medians, machine, table
 
 
 def main() -> None:
@@ -37,32 +36,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from lmcompose import ComposedModel, CompositionConfig
-    from lmcompose.demos.facts.augments import first_blocks
-    from lmcompose.demos.facts.config import FactsPipelineConfig
-    from lmcompose.demos.facts.rows import composition_data, preservation_data
-    from lmcompose.demos.facts.task import FactsTask
-    from lmcompose.io.bases import load_base
-    from lmcompose.io.collate import Collator
-    from lmcompose.io.datasets import WithPreservation
     from lmcompose.train import objective
 
-    config = FactsPipelineConfig()
-    anchor, tokenizer = load_base("smollm2-135m")
-    anchor = anchor.eval()  # float32, dequantised from its GGUF
-    augment = first_blocks(anchor, config.same_blocks).eval()
-    torch.manual_seed(0)
-    model = ComposedModel(anchor, augment, CompositionConfig(connections=config.same_connections, null_attention=True,
-                                                             null_score=config.null_score), tokenizer=tokenizer)
-    with torch.no_grad():  # trained-like connections: the output projections are zero at initialisation
-        for p in model.composition_parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    model.train()
-    data = WithPreservation(composition_data(FactsTask(config.task), tokenizer),
-                            preservation_data(tokenizer, config.preserve_length, config.preserve_known),
-                            config.preserve_ratio)
-    batch = Collator(tokenizer.pad_token_id)([data[i] for i in range(config.compose_batch)])
-    totals = objective.step_totals(SimpleNamespace(num_processes=1, device="cpu"), [batch])  # one process
+    setup = facts_calm_step("same")
+    model, config, batch, totals = setup.model, setup.config, setup.batch, setup.totals
     scored = objective.scored_logits_only
 
     def step(every_position: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:

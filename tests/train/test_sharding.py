@@ -180,6 +180,7 @@ def test_sharding_on_one_process_and_with_what_it_cannot_carry_is_refused_before
                                   "this launch has one: start it with `torchrun --nproc_per_node N`"),
         (["--sharding", "fsdp2", "--bf16"], "sharding='fsdp2' trains in float32: drop --bf16"),
         (["--sharding", "fsdp2", "--cache-augment-states"], "drop --cache-augment-states"),
+        (["--sharding", "fsdp2", "--cache-anchor-states"], "drop --cache-anchor-states"),
         (["--sharding", "zero3"], "sharding='zero3' (--sharding zero3) splits the frozen bases across processes"),
         (["--sharding", "zero3", "--bf16"], "sharding='zero3' trains in float32: drop --bf16"),
     ):

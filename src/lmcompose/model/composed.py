@@ -4,7 +4,7 @@ transformers model (``PreTrainedModel`` + ``GenerationMixin``: ``generate``, ``p
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -17,6 +17,7 @@ from ..core.alignment import align_batch, align_ids, require_fast
 from ..core.config import CompositionConfig, resolve_connections
 from ..core.masking import cross_mask, positions_from_mask, same_position_limit
 from ..core.tokens import same_vocabulary
+from .anchor_prefix import AnchorPrefix, anchor_prefix, check_prefix_anchor, prefix_layer, replayed_prefix
 from .connections import augment_name, build_connection, check_vocabularies, on_device_of, place_connections
 from .decoding_cache import ComposedCache, as_composed_cache
 from .cached_forward import cached_forward
@@ -274,6 +275,7 @@ class ComposedModel(TransformersModel, PreTrainedModel, GenerationMixin):
         augment_attention_mask: Optional[Sequence[Optional[torch.Tensor]]] = None,
         augment_limits: Optional[Sequence[torch.Tensor]] = None,
         augment_states: Optional[Sequence[dict[int, torch.Tensor]]] = None,
+        anchor_prefix: Optional[AnchorPrefix] = None,
         backbone_only: bool = False,
         **kwargs: Any,
     ) -> Any:
@@ -294,6 +296,8 @@ class ComposedModel(TransformersModel, PreTrainedModel, GenerationMixin):
             augment_attention_mask: per augment, (b, s) padding mask of ``augment_input_ids``.
             augment_limits: per augment, (b, t) long: anchor token t may read augment tokens < limit.
             augment_states: per augment, precomputed {augment_layer: (b, s, D_A)}; skips the augments.
+            anchor_prefix: the anchor's output of a block at or below its lowest connection, precomputed for this
+                batch (:meth:`anchor_prefix`); the blocks up to it are not run.
             backbone_only: return the anchor backbone's output (``.last_hidden_state``, before the LM head), as
                 :attr:`base_model` does (tools that apply the head themselves, e.g. TRL's fused loss).
             **kwargs: passed to the anchor's forward.
@@ -303,6 +307,15 @@ class ComposedModel(TransformersModel, PreTrainedModel, GenerationMixin):
         if input_ids is None:
             raise ValueError("Pass input_ids: (batch, length) anchor token ids")
         cache = as_composed_cache(cache, past_key_values)
+        if anchor_prefix is not None:
+            if cache is not None or use_cache:
+                raise ValueError("anchor_prefix replays the anchor's lower blocks of a whole text: pass no cache and "
+                                 "use_cache=False")
+            if anchor_prefix.layer > self.anchor_prefix_layer:
+                raise ValueError(f"anchor_prefix is block {anchor_prefix.layer}'s output, above the lowest "
+                                 f"connection (anchor layer {self.anchor_prefix_layer}); compute it with "
+                                 f"ComposedModel.anchor_prefix")
+            use_cache = False
         if backbone_only:
             if labels is not None or cache is not None or use_cache:
                 raise ValueError("backbone_only returns hidden states: pass no labels and no cache")
@@ -326,7 +339,8 @@ class ComposedModel(TransformersModel, PreTrainedModel, GenerationMixin):
             anchor_kwargs["labels"] = labels
             run = self.anchor
         if not self._composition_enabled:
-            return run(input_ids=input_ids, **anchor_kwargs)
+            with self._replaying(anchor_prefix):
+                return run(input_ids=input_ids, **anchor_kwargs)
 
         b, t = input_ids.shape
         key_values, masks = self._augment_reads(input_ids, attention_mask, position_ids, augment_input_ids,
@@ -334,8 +348,29 @@ class ComposedModel(TransformersModel, PreTrainedModel, GenerationMixin):
         query_positions = position_ids
         if query_positions is None and self.composition_config.rotary:
             query_positions = torch.arange(t, device=input_ids.device)[None].expand(b, -1)
-        with self.attach(key_values, masks, query_positions), self._checkpointing_anchor():
+        with self.attach(key_values, masks, query_positions), self._checkpointing_anchor(), \
+                self._replaying(anchor_prefix):
             return run(input_ids=input_ids, **anchor_kwargs)
+
+    def _replaying(self, prefix: Optional[AnchorPrefix]) -> Any:
+        """Replay ``prefix`` instead of running the anchor's blocks up to it (nothing when None)."""
+        return nullcontext() if prefix is None else replayed_prefix(self._anchor_blocks, prefix)
+
+    @property
+    def anchor_prefix_layer(self) -> int:
+        """The lowest anchor layer a connection adds to: blocks up to it compute what the anchor alone does."""
+        return prefix_layer(self.resolved_connections)
+
+    def anchor_prefix(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> AnchorPrefix:
+        """The anchor's output of block :attr:`anchor_prefix_layer` on a batch (no graph), for ``forward``'s
+        ``anchor_prefix``: the same on every step, since no connection acts below it and the anchor is frozen.
+
+        Args:
+            input_ids: (b, t) anchor ids.
+            attention_mask: (b, t) 1 for tokens, 0 for padding.
+        """
+        check_prefix_anchor(self.anchor, self.anchor_prefix_layer)
+        return anchor_prefix(self.anchor, self.anchor_prefix_layer, input_ids, attention_mask)
 
     def _augment_reads(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
                        position_ids: Optional[torch.Tensor], augment_input_ids: Any, augment_attention_mask: Any,

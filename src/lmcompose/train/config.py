@@ -75,6 +75,9 @@ class TrainingConfig(DictConfig):
                             flag="log_every", metavar="N")
     cache_augment_states: bool = config_field(False, "compute the frozen augments' states once and reuse them every "
                                         "epoch (disk, memory-mapped)", "bool", flag="cache_augment_states")
+    cache_anchor_states: bool = config_field(False, "compute the frozen anchor's blocks below the lowest connection "
+                                             "once per text and replay them at every later step (memory: the texts' "
+                                             "tokens times the anchor's width)", "bool", flag="cache_anchor_states")
     cpu: bool = config_field(False, "train on the CPU even when an accelerator is present", "bool", flag="cpu")
     progress_bar: bool = config_field(True, "show a tqdm bar with loss and tokens/s", "bool", flag="progress")
 

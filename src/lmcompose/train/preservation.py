@@ -8,6 +8,7 @@ nothing to add (beyond the paper, whose D_C is the only data).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 import torch
@@ -37,13 +38,16 @@ def preservation_kl_sum(model: Any, batch: dict[str, Any], logits: torch.Tensor,
 
     Args:
         model: the ComposedModel (unwrapped): the anchor's logits come from it under ``disable_composition()``.
-        batch: the collated batch (``input_ids``, ``attention_mask`` (B, T)).
+        batch: the collated batch (``input_ids``, ``attention_mask`` (B, T), maybe ``anchor_prefix``).
         logits: (B, T, V) of the composed forward over the batch.
         rows: (B,) bool, True on the preservation rows.
     Returns:
         (KL sum with a gradient through ``logits``, positions), both 0-dim tensors.
     """
     inputs = {"input_ids": batch["input_ids"][rows], "attention_mask": batch["attention_mask"][rows]}
+    prefix = batch.get("anchor_prefix")
+    if prefix is not None:  # the anchor's lower blocks, replayed for the reference too
+        inputs["anchor_prefix"] = dataclasses.replace(prefix, states=prefix.states[rows])
     with torch.no_grad(), model.disable_composition():
         anchor_logits = model(**inputs, use_cache=False).logits  # (P, T, V): the anchor alone, the reference
     return token_kl_sum(anchor_logits, logits[rows], inputs["attention_mask"])

@@ -28,7 +28,9 @@ from ..io.composition_files import composition_metadata, save_composition
 from ..io.datasets import WithPreservation, data_fingerprint
 from ..io.input_checks import check_example_lengths
 from ..io.locks import output_lock
+from ..model.anchor_prefix import check_prefix_anchor
 from . import engine, layouts, objective, sharding
+from .anchor_states import AnchorStateCache
 from .checkpoints import (
     find_start,
     remove_incomplete,
@@ -113,6 +115,8 @@ class Recipe:
                 f"augment {own[0]} has its own, so its states depend on how each batch aligns. Turn the cache off"
             )
         check_preservation(self.config, self.preserve_dataset)
+        if self.config.cache_anchor_states:
+            check_prefix_anchor(self.model.anchor, self.model.anchor_prefix_layer)
         sharding.check_sharding(self.config, sharding.launched_processes())
         check_example_lengths(self.train_dataset, self.model, "the training data")
         for data, what in ((self.eval_dataset, "the evaluation data"), (self.preserve_dataset, "the preservation data")):
@@ -143,6 +147,9 @@ class Recipe:
         self.data_sha = data_fingerprint(self.train_data)
         if config.cache_augment_states:
             self._open_augment_cache()
+        self.anchor_cache = None
+        if config.cache_anchor_states:
+            self._fill_anchor_cache()
         # Every rank builds the same loader; accelerate deals its batches out in turn (rank r gets batches r, r + n,
         # ... of the one (seed, epoch) order), so n processes see, per step, the batches one process sees with n
         # times the gradient accumulation.
@@ -154,6 +161,17 @@ class Recipe:
             generator=torch.Generator().manual_seed(config.seed),  # keeps the global RNG untouched
         )
         self.loader = self.accelerator.prepare(loader)
+
+    def _fill_anchor_cache(self) -> None:
+        """The anchor's states below the lowest connection for every training text and preservation text."""
+        started = time.perf_counter()
+        self.anchor_cache = AnchorStateCache(self.model)
+        items = (self.train_data[i] for i in range(len(self.train_data)))
+        texts = (text for item in items for text in (item["input_ids"], *item.get("preserve", ())))
+        with self.accelerator.autocast():  # the precision the forward would compute them in
+            self.anchor_cache.fill(self.model.anchor, texts)
+        logger.info("anchor states of %d texts (%d tokens) in %.2fs", len(self.anchor_cache.states),
+                    self.anchor_cache.tokens, time.perf_counter() - started)
 
     def _open_augment_cache(self) -> None:
         """Wrap the datasets so each item carries its augments' states, computed once (or reused from disk)."""
@@ -205,6 +223,10 @@ class Recipe:
         step_loss = step_kl = torch.zeros((), device=accelerator.device)
         for i, batch in enumerate(batches):
             tokens, last = int(batch["attention_mask"].sum()), i == len(batches) - 1
+            if self.anchor_cache is not None:
+                with self.accelerator.autocast():  # the precision the forward would compute them in
+                    prefix = self.anchor_cache.prefix(self.model.anchor, batch["input_ids"], batch["attention_mask"])
+                batch = {**batch, "anchor_prefix": prefix}
             with self.layout.micro_batch(accelerator, self.wrapped, last):
                 loss, kl = objective.micro_batch_loss(self.wrapped, self.model, batch, totals,
                                                       self.config.preserve_weight, accelerator.num_processes)

@@ -51,6 +51,9 @@ def check_sharding(config: Any, processes: int) -> None:
     if config.cache_augment_states:
         raise ValueError(f"{name} cannot cache the augments' states (rank 0 would run a sharded augment alone): drop "
                          "--cache-augment-states")
+    if config.cache_anchor_states:
+        raise ValueError(f"{name} cannot cache the anchor's states (its lower blocks are sharded): drop "
+                         "--cache-anchor-states")
     if config.sharding == "zero3":
         from .zero3 import check_available
 
