@@ -222,6 +222,32 @@ def test_the_character_level_row_takes_its_own_composition_steps(tmp_path, monke
     assert compose_steps(unset, "CALM (characters)") == 150
 
 
+def test_the_anchor_state_cache_reaches_every_calm_row_and_keys_every_rows_cache(tmp_path, monkeypatch):
+    import lmcompose.demos.facts.rows as rows
+    from lmcompose.demos.facts.config import row_fields
+    from lmcompose.train.run_state import TrainingResult
+
+    cached = {}
+    monkeypatch.setattr(rows, "load_anchor", lambda folder: (None, None))
+    monkeypatch.setattr(rows, "composition_data", lambda task, tokenizer: [])
+    monkeypatch.setattr(rows, "preservation_data", lambda *args, **kwargs: [])
+    monkeypatch.setattr(rows, "calm_model", lambda name, *args: name)
+    monkeypatch.setattr(rows, "train", lambda model, *args, **kwargs: (
+        cached.__setitem__(model, args[2].cache_anchor_states),
+        TrainingResult(step=1, train_loss=1.0, interrupted="SIGTERM"))[1])
+    for setting in (False, True):
+        cached.clear()
+        for row in rows.CALM_ROWS:
+            with pytest.raises(InterruptedError):
+                rows.train_row_job(row, FactsPipelineConfig(cache_anchor_states=setting), "anchor", {},
+                                   str(tmp_path / rows.row_folder_name(row)))
+        assert cached == dict.fromkeys(rows.CALM_ROWS, setting)
+    assert FactsPipelineConfig().cache_anchor_states is False  # not in the preset (LOG run 26)
+    on, off = FactsPipelineConfig(cache_anchor_states=True), FactsPipelineConfig()
+    assert all(on.fingerprint(*row_fields(on, row)) != off.fingerprint(*row_fields(off, row))
+               for row in rows.TRAINED_ROWS)
+
+
 def test_the_character_augments_lookahead_adds_the_later_characters_loss_and_leaves_a_plain_model(tmp_path):
     import torch
     import torch.nn.functional as F

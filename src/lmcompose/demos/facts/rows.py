@@ -174,6 +174,7 @@ def train_row_job(name: str, config: FactsPipelineConfig, anchor_dir: str, augme
         training = TrainingConfig(max_steps=steps, batch_size=config.compose_batch,
                                   learning_rate=config.compose_lr, warmup_steps=max(1, steps // 10),
                                   preserve_weight=config.preserve_weight, preserve_ratio=config.preserve_ratio,
+                                  cache_anchor_states=config.cache_anchor_states,
                                   eval_generate=False, progress_bar=progress, seed=config.seed, cpu=True)
         result = train(model, d_c, None, training, out / "run", tokenizer=tokenizer, resume=True,
                        preserve_dataset=preservation_data(tokenizer, config.preserve_length, config.preserve_known,
