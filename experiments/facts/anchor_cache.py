@@ -1,0 +1,22 @@
+"""The facts demo with the anchor-state cache in its CALM rows (LOG.md run 26): `lmcompose demo facts` with the
+preset but ``cache_anchor_states=True``, so each CALM row replays SmolLM2's blocks 0-18 instead of running them at
+every step. Put a finished demo's ``anchor/`` and ``augments/`` into OUT first to time the rows and the scoring with
+the augments cached (the cache does not key the augments). Prints the demo's report, seconds included.
+
+    python anchor_cache.py OUT [--seed 1]
+"""
+import argparse
+from pathlib import Path
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("out", type=Path, help="the demo's output directory")
+p.add_argument("--seed", type=int, default=1, help="the demo's seed")
+args = p.parse_args()
+
+from lmcompose.demos.facts.config import FactsPipelineConfig
+from lmcompose.demos.facts.pipeline import run_demo
+from lmcompose.demos.facts.task import FactsTaskConfig
+
+config = FactsPipelineConfig(task=FactsTaskConfig(seed=args.seed), seed=args.seed, cache_anchor_states=True)
+results = run_demo(str(args.out), config=config)
+print((args.out / "results.md").read_text())
