@@ -2,7 +2,7 @@
 
 No connection changes what the anchor's blocks ``0 .. j`` compute when ``j`` is its lowest connected layer (a
 connection adds its update to block ``j``'s output), and the anchor is frozen: their output on a text is the same at
-every step. :func:`anchor_prefix` computes it for one text; a forward given an :class:`AnchorPrefix` (of the whole
+every step. :func:`compute_prefix` computes it for a batch; a forward given an :class:`AnchorPrefix` (of the whole
 batch) replays it instead of running those blocks, the update at block ``j`` and every block above run as usual.
 
 Legend: b batch, t positions, D the anchor's width.
@@ -57,7 +57,7 @@ def check_prefix_anchor(anchor: nn.Module, layer: int) -> None:
 
 
 @torch.no_grad()
-def anchor_prefix(anchor: nn.Module, layer: int, input_ids: torch.Tensor,
+def compute_prefix(anchor: nn.Module, layer: int, input_ids: torch.Tensor,
                   attention_mask: Optional[torch.Tensor] = None) -> AnchorPrefix:
     """Run the anchor alone up to block ``layer`` and return that block's output.
 

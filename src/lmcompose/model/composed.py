@@ -17,7 +17,7 @@ from ..core.alignment import align_batch, align_ids, require_fast
 from ..core.config import CompositionConfig, resolve_connections
 from ..core.masking import cross_mask, positions_from_mask, same_position_limit
 from ..core.tokens import same_vocabulary
-from .anchor_prefix import AnchorPrefix, anchor_prefix, check_prefix_anchor, prefix_layer, replayed_prefix
+from .anchor_prefix import AnchorPrefix, check_prefix_anchor, compute_prefix, prefix_layer, replayed_prefix
 from .connections import augment_name, build_connection, check_vocabularies, on_device_of, place_connections
 from .decoding_cache import ComposedCache, as_composed_cache
 from .cached_forward import cached_forward
@@ -370,7 +370,7 @@ class ComposedModel(TransformersModel, PreTrainedModel, GenerationMixin):
             attention_mask: (b, t) 1 for tokens, 0 for padding.
         """
         check_prefix_anchor(self.anchor, self.anchor_prefix_layer)
-        return anchor_prefix(self.anchor, self.anchor_prefix_layer, input_ids, attention_mask)
+        return compute_prefix(self.anchor, self.anchor_prefix_layer, input_ids, attention_mask)
 
     def _augment_reads(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
                        position_ids: Optional[torch.Tensor], augment_input_ids: Any, augment_attention_mask: Any,

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 
 from ..core import introspect
-from ..model.anchor_prefix import AnchorPrefix, anchor_prefix, check_prefix_anchor
+from ..model.anchor_prefix import AnchorPrefix, check_prefix_anchor, compute_prefix
 
 
 class AnchorStateCache:
@@ -39,7 +39,7 @@ class AnchorStateCache:
             group = list(same_length)
             for start in range(0, len(group), batch_size):
                 ids = torch.tensor(group[start : start + batch_size], device=device)  # (k, n): no padding
-                computed = anchor_prefix(anchor, self.layer, ids, torch.ones_like(ids))
+                computed = compute_prefix(anchor, self.layer, ids, torch.ones_like(ids))
                 self.arity = computed.arity
                 for text, states in zip(group[start : start + batch_size], computed.states):
                     self.states[text] = states
