@@ -37,12 +37,15 @@ def accelerate_command():
     return [str(script)] if script.exists() else [shutil.which("accelerate") or "accelerate"]
 
 
-def test_two_processes_equal_one_with_doubled_accumulation_and_one_with_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("anchor_cache", [False, True], ids=["plain", "anchor-state-cache"])
+def test_two_processes_equal_one_with_doubled_accumulation_and_one_with_the_whole_batch(tmp_path, anchor_cache):
     anchor, augment = save_bases(tmp_path)
     data = write_jsonl(tmp_path / "train.jsonl", reverse_task(16, seed=0))  # 8 batches of 2: 4 per rank
     common = ["train", "--anchor", str(anchor), "--augment", str(augment), "--data", str(data), "--batch-size", "2",
               "--lr", "1e-2", "--seed", "3", "--max-steps", "6", "--save-every", "3", "--log-every", "1",
               "--warmup-steps", "2", "--no-progress", "--cpu"]
+    if anchor_cache:  # every rank replays the anchor's block 1 below the connection at anchor layer 1
+        common += ["--connections", "1:1,3:1", "--cache-anchor-states"]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]))
     # accelerate 1.x starts ONE process for `launch --cpu --num_processes 2` (its CPU launcher needs mpirun);
