@@ -8,15 +8,21 @@ the augments cached (the cache does not key the augments). Prints the demo's rep
 import argparse
 from pathlib import Path
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("out", type=Path, help="the demo's output directory")
-p.add_argument("--seed", type=int, default=1, help="the demo's seed")
-args = p.parse_args()
 
-from lmcompose.demos.facts.config import FactsPipelineConfig
-from lmcompose.demos.facts.pipeline import run_demo
-from lmcompose.demos.facts.task import FactsTaskConfig
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", type=Path, help="the demo's output directory")
+    p.add_argument("--seed", type=int, default=1, help="the demo's seed")
+    args = p.parse_args()
 
-config = FactsPipelineConfig(task=FactsTaskConfig(seed=args.seed), seed=args.seed, cache_anchor_states=True)
-results = run_demo(str(args.out), config=config)
-print((args.out / "results.md").read_text())
+    from lmcompose.demos.facts.config import FactsPipelineConfig
+    from lmcompose.demos.facts.pipeline import run_demo
+    from lmcompose.demos.facts.task import FactsTaskConfig
+
+    config = FactsPipelineConfig(task=FactsTaskConfig(seed=args.seed), seed=args.seed, cache_anchor_states=True)
+    run_demo(str(args.out), config=config)
+    print((args.out / "results.md").read_text())
+
+
+if __name__ == "__main__":  # the demo's workers are spawned: they import this file, and must not run it
+    main()
