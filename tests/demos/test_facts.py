@@ -198,9 +198,9 @@ def test_an_interrupted_row_is_not_marked_done(tmp_path, monkeypatch):
     assert not (tmp_path / "row" / "done.json").exists()
 
 
-def test_the_character_level_row_takes_its_own_composition_steps(tmp_path, monkeypatch):
+def calm_training_configs(monkeypatch, tmp_path, config):
+    """Each CALM row's TrainingConfig as :func:`train_row_job` builds it from ``config``, nothing loaded or trained."""
     import lmcompose.demos.facts.rows as rows
-    from lmcompose.demos.facts.config import compose_steps, row_fields
     from lmcompose.train.run_state import TrainingResult
 
     trained = {}
@@ -208,13 +208,22 @@ def test_the_character_level_row_takes_its_own_composition_steps(tmp_path, monke
     monkeypatch.setattr(rows, "composition_data", lambda task, tokenizer: [])
     monkeypatch.setattr(rows, "preservation_data", lambda *args, **kwargs: [])
     monkeypatch.setattr(rows, "calm_model", lambda name, *args: name)
-    monkeypatch.setattr(rows, "train", lambda model, *args, **kwargs: trained.setdefault(model, args[2].max_steps)
-                        and TrainingResult(step=1, train_loss=1.0, interrupted="SIGTERM"))
-    config = FactsPipelineConfig(compose_steps=150, char_compose_steps=7)
+    monkeypatch.setattr(rows, "train", lambda model, *args, **kwargs: (
+        trained.__setitem__(model, args[2]), TrainingResult(step=1, train_loss=1.0, interrupted="SIGTERM"))[1])
     for row in rows.CALM_ROWS:
         with pytest.raises(InterruptedError):
             rows.train_row_job(row, config, "anchor", {}, str(tmp_path / rows.row_folder_name(row)))
-    assert trained == {"CALM (same tokenizer)": 150, "CALM (characters)": 7, "CALM (random augment)": 150}
+    return trained
+
+
+def test_the_character_level_row_takes_its_own_composition_steps(tmp_path, monkeypatch):
+    import lmcompose.demos.facts.rows as rows
+    from lmcompose.demos.facts.config import compose_steps, row_fields
+
+    config = FactsPipelineConfig(compose_steps=150, char_compose_steps=7)
+    trained = calm_training_configs(monkeypatch, tmp_path, config)
+    assert {row: training.max_steps for row, training in trained.items()} == {
+        "CALM (same tokenizer)": 150, "CALM (characters)": 7, "CALM (random augment)": 150}
     # a cache key of its own: the character-level row's only
     keyed = {row: "char_compose_steps" in row_fields(config, row) for row in rows.TRAINED_ROWS}
     assert keyed == {row: row == "CALM (characters)" for row in rows.TRAINED_ROWS}
@@ -225,24 +234,12 @@ def test_the_character_level_row_takes_its_own_composition_steps(tmp_path, monke
 def test_the_anchor_state_cache_reaches_every_calm_row_and_keys_every_rows_cache(tmp_path, monkeypatch):
     import lmcompose.demos.facts.rows as rows
     from lmcompose.demos.facts.config import row_fields
-    from lmcompose.train.run_state import TrainingResult
 
-    cached = {}
-    monkeypatch.setattr(rows, "load_anchor", lambda folder: (None, None))
-    monkeypatch.setattr(rows, "composition_data", lambda task, tokenizer: [])
-    monkeypatch.setattr(rows, "preservation_data", lambda *args, **kwargs: [])
-    monkeypatch.setattr(rows, "calm_model", lambda name, *args: name)
-    monkeypatch.setattr(rows, "train", lambda model, *args, **kwargs: (
-        cached.__setitem__(model, args[2].cache_anchor_states),
-        TrainingResult(step=1, train_loss=1.0, interrupted="SIGTERM"))[1])
     for setting in (False, True):
-        cached.clear()
-        for row in rows.CALM_ROWS:
-            with pytest.raises(InterruptedError):
-                rows.train_row_job(row, FactsPipelineConfig(cache_anchor_states=setting), "anchor", {},
-                                   str(tmp_path / rows.row_folder_name(row)))
-        assert cached == dict.fromkeys(rows.CALM_ROWS, setting)
-    assert FactsPipelineConfig().cache_anchor_states is False  # not in the preset (LOG run 26)
+        trained = calm_training_configs(monkeypatch, tmp_path, FactsPipelineConfig(cache_anchor_states=setting))
+        assert {row: training.cache_anchor_states for row, training in trained.items()} == dict.fromkeys(
+            rows.CALM_ROWS, setting)
+    assert FactsPipelineConfig().cache_anchor_states is False  # not in the preset (LOG run 27)
     on, off = FactsPipelineConfig(cache_anchor_states=True), FactsPipelineConfig()
     assert all(on.fingerprint(*row_fields(on, row)) != off.fingerprint(*row_fields(off, row))
                for row in rows.TRAINED_ROWS)
