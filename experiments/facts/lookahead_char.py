@@ -64,7 +64,7 @@ if "CALM (characters)" not in figures:
                                                     config.eval_held_out)
 if "cost" not in figures:  # what the row costs the anchor: loss and KL on pydoc text, the few-shot sums
     started = time.time()
-    costs = evaluation.ordinary_cost(lambda b: anchor(**b, use_cache=False).logits,
+    costs = evaluation.ordinary_cost(scoring.ordinary_reference(anchor, [model]),
                                      {"row": scoring.composed_logits(model)},
                                      evaluation.ordinary_windows(tokenizer, config.ordinary_tokens))
     items = evaluation.arithmetic_items(config.skill_items)

@@ -135,8 +135,28 @@ def test_the_pipeline_end_to_end_then_from_its_caches(tiny_anchor_dir, tmp_path,
 
     from lmcompose.demos.facts.scoring import score_rows
 
-    two = dataclasses.replace(tiny_config(), workers=2)  # the two scoring jobs side by side in two processes
+    two = dataclasses.replace(tiny_config(), workers=2)  # the scoring tasks shared by two processes
     assert score_rows(two, pipeline.prepare(two, out, None)) == rows
+
+    # the compositions replay the prefix of the anchor's own forward on ordinary text: every digit as computed alone
+    from lmcompose.demos.facts import scoring
+    from lmcompose.demos.facts.evaluation import ordinary_cost, ordinary_windows
+    from lmcompose.demos.facts.rows import CALM_ROWS, load_anchor
+
+    anchor, tokenizer = load_anchor(out / "anchor")
+    prepared = {**pipeline.prepare(tiny_config(), out, None), "config": tiny_config()}
+    compositions = {row: scoring.row_model(prepared, row, anchor, tokenizer)[0] for row in CALM_ROWS}
+    logits = {row: scoring.composed_logits(model) for row, model in compositions.items()}
+    windows = ordinary_windows(tokenizer, 256)
+    runs = []
+    handle = anchor.model.layers[0].self_attn.register_forward_hook(lambda *_: runs.append(1))
+    shared = ordinary_cost(scoring.ordinary_reference(anchor, list(compositions.values())), logits, windows)
+    handle.remove()
+    alone = ordinary_cost(lambda batch: (anchor(**batch, use_cache=False).logits, {}), logits, windows)
+    assert shared == alone and all(shared[row]["loss"] != shared["anchor"]["loss"] for row in CALM_ROWS)
+    assert len(runs) == len(range(0, len(windows), 4))  # block 0 computed for the anchor's logits only
+    with pytest.raises(ValueError, match="Unknown row 'CALM'; expected one of"):
+        scoring.row_model(prepared, "CALM", anchor, tokenizer)
 
     calls = []
 

@@ -66,6 +66,27 @@ def test_a_replayed_prefix_gives_the_logits_and_gradients_of_the_full_forward(fa
     assert not torch.equal(full, full_alone)  # the composition acts above the prefix
 
 
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_the_anchors_forward_gives_its_own_logits_and_the_prefix_a_composition_replays(family):
+    from lmcompose.core.masking import positions_from_mask
+    from lmcompose.model.anchor_prefix import forward_with_prefix
+
+    model = composed(family)
+    randomize_composition(model, std=0.05)
+    ids, mask = padded_batch()
+    keep = mask.bool()
+    output, prefix = forward_with_prefix(model.anchor, model.anchor_prefix_layer, ids, mask)
+    alone = model.anchor(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False)
+    assert torch.equal(output.logits[keep], alone.logits[keep])
+    computed = model.anchor_prefix(ids, mask)
+    assert prefix.layer == computed.layer == 2 and prefix.arity == computed.arity
+    assert torch.equal(prefix.states[keep], computed.states[keep])
+    with torch.no_grad():
+        replayed = model(input_ids=ids, attention_mask=mask, use_cache=False, anchor_prefix=prefix).logits
+        full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    assert torch.equal(replayed[keep], full[keep])
+
+
 def test_the_cache_fills_in_a_fixed_order_replays_either_padding_and_computes_a_new_text_alone():
     model = composed()
     ids, mask = padded_batch()

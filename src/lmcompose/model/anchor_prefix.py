@@ -65,25 +65,46 @@ def compute_prefix(anchor: nn.Module, layer: int, input_ids: torch.Tensor,
         input_ids: (b, t) anchor ids.
         attention_mask: (b, t) 1 for tokens, 0 for padding; positions skip padding, as a composed forward's do.
     """
+    return _run_anchor(anchor, layer, input_ids, attention_mask, stop=True)[1]
+
+
+@torch.no_grad()
+def forward_with_prefix(anchor: nn.Module, layer: int, input_ids: torch.Tensor,
+                        attention_mask: Optional[torch.Tensor] = None) -> tuple[Any, AnchorPrefix]:
+    """The anchor's whole forward on a batch (no cache), and block ``layer``'s output in that same computation:
+    the anchor's own logits and, for free, the prefix every composition on this anchor replays on the batch.
+
+    Args: as :func:`compute_prefix`'s.
+    Returns:
+        (the anchor's output, its :class:`AnchorPrefix`).
+    """
+    return _run_anchor(anchor, layer, input_ids, attention_mask, stop=False)
+
+
+def _run_anchor(anchor: nn.Module, layer: int, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                stop: bool) -> tuple[Any, AnchorPrefix]:
+    """The anchor's forward with block ``layer``'s output captured; ``stop``: nothing above it runs (no output)."""
     blocks = introspect.decoder_blocks(anchor)
     captured: dict[str, Any] = {}
 
     def hook(module: nn.Module, args: Any, output: Any) -> None:
         captured["output"] = output
-        raise _StopForward  # nothing above the prefix is needed
+        if stop:
+            raise _StopForward  # nothing above the prefix is needed
 
     kwargs = introspect.forward_kwargs(anchor, attention_mask, positions_from_mask(attention_mask))
     handle = blocks[layer].register_forward_hook(hook)
+    result = None
     try:
-        anchor(input_ids=input_ids, use_cache=False, **kwargs)
+        result = anchor(input_ids=input_ids, use_cache=False, **kwargs)
     except _StopForward:
         pass
     finally:
         handle.remove()
     output = captured["output"]
     if isinstance(output, (tuple, list)):
-        return AnchorPrefix(output[0], layer, len(output))
-    return AnchorPrefix(output, layer, None)
+        return result, AnchorPrefix(output[0], layer, len(output))
+    return result, AnchorPrefix(output, layer, None)
 
 
 @contextmanager

@@ -17,7 +17,8 @@ from ...model.completion import generate_completions
 from ...train.evaluation import token_kl_sum
 from .task import CITIES, Person, answer_of, city_of
 
-Logits = Callable[[dict[str, torch.Tensor]], torch.Tensor]  # a batch (input_ids, attention_mask) -> logits (B, T, V)
+Logits = Callable[[dict[str, Any]], torch.Tensor]  # a batch (input_ids, attention_mask, ...) -> logits (B, T, V)
+Reference = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, Any]]]  # -> (logits, shared inputs)
 
 
 def answer_tokens(tokenizer: Any) -> int:
@@ -65,14 +66,14 @@ def ordinary_windows(tokenizer: Any, tokens: int, length: int = 256) -> list[lis
 
 
 @torch.no_grad()
-def ordinary_cost(reference: Logits, rows: dict[str, Logits], windows: Sequence[Sequence[int]],
+def ordinary_cost(reference: Reference, rows: dict[str, Logits], windows: Sequence[Sequence[int]],
                   batch_size: int = 4) -> dict[str, dict[str, float]]:
     """Mean loss per token on ordinary text and mean KL per position from the anchor, for several rows in one pass.
 
     The anchor's logits on each batch are computed once and compared with every row's.
 
     Args:
-        reference: the anchor alone.
+        reference: the anchor alone: its logits on a batch, and inputs every row's batch gains (``{}`` for none).
         rows: per row name, its logits function.
         windows: the texts, as anchor ids (equal lengths).
     Returns:
@@ -83,9 +84,9 @@ def ordinary_cost(reference: Logits, rows: dict[str, Logits], windows: Sequence[
     for start in range(0, len(windows), batch_size):
         ids = torch.tensor(windows[start : start + batch_size])  # (B, T)
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        anchor_logits = reference(batch)
+        anchor_logits, shared = reference(batch)
         for name, logits_of in (("anchor", None), *rows.items()):
-            logits = anchor_logits if logits_of is None else logits_of(batch)
+            logits = anchor_logits if logits_of is None else logits_of({**batch, **shared})
             totals[name][0] += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
                                                reduction="sum").item()
             totals[name][1] += token_kl_sum(anchor_logits, logits, batch["attention_mask"])[0].item()
