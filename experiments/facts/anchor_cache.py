@@ -1,4 +1,4 @@
-"""The facts demo with the anchor-state cache in its CALM rows (LOG.md run 26): `lmcompose demo facts` with the
+"""The facts demo with the anchor-state cache in its CALM rows (LOG.md runs 27, 28): `lmcompose demo facts` with the
 preset but ``cache_anchor_states=True``, so each CALM row replays SmolLM2's blocks 0-18 instead of running them at
 every step. Put a finished demo's ``anchor/`` and ``augments/`` into OUT first to time the rows and the scoring with
 the augments cached (the cache does not key the augments). Prints the demo's report, seconds included.

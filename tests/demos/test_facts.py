@@ -259,7 +259,7 @@ def test_the_anchor_state_cache_reaches_every_calm_row_and_keys_every_rows_cache
         trained = calm_training_configs(monkeypatch, tmp_path, FactsPipelineConfig(cache_anchor_states=setting))
         assert {row: training.cache_anchor_states for row, training in trained.items()} == dict.fromkeys(
             rows.CALM_ROWS, setting)
-    assert FactsPipelineConfig().cache_anchor_states is False  # not in the preset (LOG run 27)
+    assert FactsPipelineConfig().cache_anchor_states is False  # not in the preset (LOG runs 27, 28)
     on, off = FactsPipelineConfig(cache_anchor_states=True), FactsPipelineConfig()
     assert all(on.fingerprint(*row_fields(on, row)) != off.fingerprint(*row_fields(off, row))
                for row in rows.TRAINED_ROWS)

@@ -45,7 +45,7 @@ class FactsPipelineConfig:
     char_compose_steps: Optional[int] = 300  # the character-level row's steps; None: compose_steps (run 13)
     compose_lr: float = 1e-3
     compose_batch: int = 16
-    cache_anchor_states: bool = False  # replay SmolLM2's blocks 0-18 in the CALM rows (1.5x a step; LOG run 27)
+    cache_anchor_states: bool = False  # replay SmolLM2's blocks 0-18 in the CALM rows (1.5x a step; LOG runs 27, 28)
     preserve_weight: float = 1.0  # KL from SmolLM2 on ordinary text, added to the loss (beyond the paper)
     preserve_ratio: float = 0.25  # preservation texts per D_C example
     preserve_length: int = 24  # tokens per preservation text (stdlib docstrings, never the evaluation's pydoc text)
