@@ -2,8 +2,9 @@
 
 No connection changes what the anchor's blocks ``0 .. j`` compute when ``j`` is its lowest connected layer (a
 connection adds its update to block ``j``'s output), and the anchor is frozen: their output on a text is the same at
-every step. :func:`compute_prefix` computes it for a batch; a forward given an :class:`AnchorPrefix` (of the whole
-batch) replays it instead of running those blocks, the update at block ``j`` and every block above run as usual.
+every step. :func:`compute_prefix` computes it for a batch (:func:`forward_with_prefix` keeps it from the anchor's
+own whole forward); a forward given an :class:`AnchorPrefix` (of the whole batch) replays it instead of running
+those blocks, the update at block ``j`` and every block above run as usual.
 
 Legend: b batch, t positions, D the anchor's width.
 """
