@@ -16,7 +16,7 @@ from ...model.anchor_prefix import forward_with_prefix
 from ...model.composed import ComposedModel
 from ..jobs import run_jobs
 from .config import job_environment
-from .evaluation import arithmetic_items, fact_accuracy, ordinary_cost, ordinary_windows, skill_accuracy
+from .evaluation import Reference, arithmetic_items, fact_accuracy, ordinary_cost, ordinary_windows, skill_accuracy
 from .rows import BASELINE_ROWS, CALM_ROWS, TRAINED_ROWS, load_anchor, load_augment
 from .task import DC_WORDINGS, UNSEEN_WORDINGS, FactsTask
 
@@ -76,8 +76,7 @@ def row_model(prepared: dict[str, Any], row: str, anchor: nn.Module, tokenizer: 
     return AutoModelForCausalLM.from_pretrained(folders["rows"][row] / "model").eval(), tokenizer  # fine-tuned
 
 
-def ordinary_reference(anchor: nn.Module, compositions: list[ComposedModel]
-                       ) -> Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, Any]]]:
+def ordinary_reference(anchor: nn.Module, compositions: list[ComposedModel]) -> Reference:
     """The anchor's logits on a batch and what every row's batch gains from the same forward: the output of its
     block below every composition's lowest connection (``anchor_prefix``), which each composition replays instead
     of running those blocks again (bit for bit what it computes itself; none when a composition connects to the
