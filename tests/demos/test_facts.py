@@ -132,6 +132,9 @@ def test_the_pipeline_end_to_end_then_from_its_caches(tiny_anchor_dir, tmp_path,
     assert "| CALM (characters) |" in report and "KL from SmolLM2" in report
     assert results["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # cpu_kernels=None: this process's
     assert f"CPU kernels: {results['cpu_capability']} " in report
+    from lmcompose.demos.jobs import cpu_model
+
+    assert results["cpu"] == cpu_model() and f"CPU: {results['cpu']} " in report
 
     from lmcompose.demos.facts.scoring import score_rows
 

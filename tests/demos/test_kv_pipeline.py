@@ -4,6 +4,7 @@ import json
 
 import torch
 
+from lmcompose.demos.jobs import cpu_model
 from lmcompose.demos.kv.config import KVPipelineConfig, paper_config, quick_config
 from lmcompose.demos.kv.pipeline import evaluation_sets, load_bases, lora_rank_for, plain_generate, run_demo, score_all
 from lmcompose.demos.kv.task import KVRepository, KVTaskConfig
@@ -39,6 +40,8 @@ def test_pipeline_end_to_end_then_cached(tmp_path):
     assert "| CALM |" in report
     ceiling = KVRepository(tiny_config().task).key_blind_ceiling()
     assert results["key_blind_kv_math"] == ceiling and f"can expect at most {ceiling:.1f}% on KV-MATH" in report
+    assert results["cpu"] == cpu_model() and results["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert f"CPU: {results['cpu']}, kernels {results['cpu_capability']} " in report
 
     bases = next((tmp_path / "bases").iterdir())
     anchor_file = bases / "anchor" / "model.safetensors"
@@ -135,3 +138,14 @@ def test_demo_seed_seeds_the_task_and_the_models(tmp_path, monkeypatch):
     run_demo(str(tmp_path), progress=False)
     assert [(c.seed, c.task.seed) for c in seen] == [(3, 3), (3, 3), (0, 0)]
     assert seen[1].task.num_keys == paper_config().task.num_keys
+
+
+def test_cpu_model_names_the_vendor_and_model_or_falls_back(tmp_path, monkeypatch):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B14\n\n"
+                    "processor\t: 1\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B14\n")
+    assert cpu_model(str(info)) == "AuthenticAMD, AMD EPYC 9B14"  # the first processor's, once
+    import platform
+
+    monkeypatch.setattr(platform, "processor", lambda: "arm")
+    assert cpu_model(str(tmp_path / "missing")) == "arm"  # no cpuinfo (macOS, Windows): the platform's name

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import platform
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 
@@ -53,3 +55,18 @@ def cpu_capability() -> str:
     import torch
 
     return torch.backends.cpu.get_cpu_capability()
+
+
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's vendor and model as the system names them ("GenuineIntel, Intel(R) Xeon(R) ..."; Linux's
+    ``cpuinfo``, else the platform's processor string): under the same kernels, CPUs of two vendors still compute
+    other floats in MKL's matrix products (experiments/facts/LOG.md run 30), so a demo records it."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    named = [fields[k] for k in ("vendor_id", "model name") if fields.get(k)]
+    return ", ".join(named) or platform.processor() or platform.machine() or "unknown"

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..jobs import cpu_capability, run_jobs
+from ..jobs import cpu_capability, cpu_model, run_jobs
 from ..output import demo_output
 from .config import AUGMENT_FIELDS, FactsPipelineConfig, job_environment, row_fields
 from .rows import TRAINED_ROWS, row_folder_name, save_anchor, train_augment_job, train_row_job
@@ -89,7 +89,8 @@ def run_demo(output_dir: str, progress: bool = True, config: Optional[FactsPipel
                    "total": round(time.time() - started, 1)}
         task = FactsTask(config.task)
         capability = run_jobs(cpu_capability, [()], 1, job_environment(config))[0]  # what the jobs computed with
-        results = {"demo": DEMO, "config": config.to_dict(), "cpu_capability": capability, "rows": rows,
+        results = {"demo": DEMO, "config": config.to_dict(), "cpu": cpu_model(), "cpu_capability": capability,
+                   "rows": rows,
                    "seconds": seconds,
                    "cached": prepared["cached"], "held_in_people": len(task.held_in), "held_out_people": len(task.held_out)}
         write_report(results, out)

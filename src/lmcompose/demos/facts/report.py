@@ -54,7 +54,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["", "Seconds: " + ", ".join(f"{k} {v}" for k, v in results["seconds"].items()),
               f"Cached: {json.dumps(results['cached'])}",
               f"CPU kernels: {results.get('cpu_capability', 'not recorded')} (every job's "
-              "torch.backends.cpu.get_cpu_capability(); the figures depend on it)", ""]
+              "torch.backends.cpu.get_cpu_capability(); the figures depend on it)",
+              f"CPU: {results.get('cpu', 'not recorded')} (the figures depend on its vendor too)", ""]
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from ...core.config import CompositionConfig
 from ...model.composed import ComposedModel
 from ...train.base_training import train_loop
-from ..jobs import run_jobs
+from ..jobs import cpu_capability, cpu_model, run_jobs
 from ..output import demo_output
 from .config import PRESETS, KVPipelineConfig
 from .task import Example, KVRepository, build_tokenizer, num_math_example
@@ -327,6 +327,8 @@ def run_experiment(config: KVPipelineConfig, cache_dir: Path, log: Optional[Call
         "eval_expressions": len(evals["KV-MATH"]),
         "key_blind_kv_math": repo.key_blind_ceiling(),  # the best a model that cannot tell keys apart can guess
         "workers": workers,
+        "cpu": cpu_model(),
+        "cpu_capability": cpu_capability(),  # this process's; the workers start with the same environment
         "bases": {k: v for k, v in base_info.items() if k != "config"},
         "rows": rows,
         "seconds": seconds,

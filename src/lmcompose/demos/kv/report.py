@@ -39,7 +39,9 @@ def markdown(results: dict[str, Any]) -> str:
         params = f"{row['trainable_params']:,}" if "trainable_params" in row else "-"
         lines.append(f"| {name} | " + " | ".join(f"{row[d]:.1f}" for d in DATASETS) + f" | {params} | {ref} |")
     lines += ["", "Seconds: " + ", ".join(f"{k} {v}" for k, v in results["seconds"].items()),
-              f"Bases cached: {results['bases'].get('cached')}", ""]
+              f"Bases cached: {results['bases'].get('cached')}",
+              f"CPU: {results.get('cpu', 'not recorded')}, kernels {results.get('cpu_capability', 'not recorded')} "
+              "(torch's; the figures depend on both)", ""]
     return "\n".join(lines)
 
 
