@@ -3,12 +3,22 @@ tokenizer), then the same run again from its caches."""
 
 import itertools
 import json
+import re
 
 import pytest
 import torch
 
 from lmcompose.demos.facts.config import FactsPipelineConfig
-from lmcompose.demos.facts.task import CITIES, DC_WORDINGS, UNSEEN_WORDINGS, FactsTask, FactsTaskConfig, answer_of, city_of
+from lmcompose.demos.facts.task import (
+    CITIES,
+    DC_WORDINGS,
+    MORE_DC_WORDINGS,
+    UNSEEN_WORDINGS,
+    FactsTask,
+    FactsTaskConfig,
+    answer_of,
+    city_of,
+)
 from lmcompose.demos.output import check_output
 
 
@@ -25,8 +35,11 @@ def test_people_split_into_disjoint_balanced_groups_and_the_same_seed_gives_the_
 
 def test_the_unseen_wordings_are_in_neither_the_composition_data_nor_the_augments_texts():
     task = FactsTask(FactsTaskConfig(num_people=100))
-    rows = task.composition_rows()
-    assert len(rows) == len(task.held_in) * len(DC_WORDINGS)
+    assert task.composition_rows() == task.composition_rows(["statement", "question"])  # the preset's D_C
+    rows = task.composition_rows([*DC_WORDINGS, *MORE_DC_WORDINGS])  # every wording D_C can ask
+    assert len(rows) == len(task.held_in) * (len(DC_WORDINGS) + len(MORE_DC_WORDINGS))
+    for template in MORE_DC_WORDINGS.values():  # no word the unseen wordings ask with, no possessive after the name
+        assert not re.search(r"which|city|home|what|resid|'s", template, re.IGNORECASE)
     held_in = {p.name for p in task.held_in}
     assert all(any(name in r["prompt"] for name in held_in) for r in rows)  # D_C asks only about held-in people
     texts = [t for varied in (False, True) for t in itertools.islice(task.augment_texts(0, 2000, varied), 200)]
@@ -211,7 +224,7 @@ def test_an_interrupted_row_is_not_marked_done(tmp_path, monkeypatch):
     from lmcompose.train.run_state import TrainingResult
 
     monkeypatch.setattr(rows, "load_anchor", lambda folder: (None, None))
-    monkeypatch.setattr(rows, "composition_data", lambda task, tokenizer: [])
+    monkeypatch.setattr(rows, "composition_data", lambda task, tokenizer, wordings: [])
     monkeypatch.setattr(rows, "preservation_data", lambda *args, **kwargs: [])
     monkeypatch.setattr(rows, "calm_model", lambda *args: None)
     monkeypatch.setattr(rows, "train", lambda *args, **kwargs: TrainingResult(step=3, train_loss=1.0,
@@ -228,7 +241,7 @@ def calm_training_configs(monkeypatch, tmp_path, config):
 
     trained = {}
     monkeypatch.setattr(rows, "load_anchor", lambda folder: (None, None))
-    monkeypatch.setattr(rows, "composition_data", lambda task, tokenizer: [])
+    monkeypatch.setattr(rows, "composition_data", lambda task, tokenizer, wordings: [])
     monkeypatch.setattr(rows, "preservation_data", lambda *args, **kwargs: [])
     monkeypatch.setattr(rows, "calm_model", lambda name, *args: name)
     monkeypatch.setattr(rows, "train", lambda model, *args, **kwargs: (
@@ -266,6 +279,66 @@ def test_the_anchor_state_cache_reaches_every_calm_row_and_keys_every_rows_cache
     on, off = FactsPipelineConfig(cache_anchor_states=True), FactsPipelineConfig()
     assert all(on.fingerprint(*row_fields(on, row)) != off.fingerprint(*row_fields(off, row))
                for row in rows.TRAINED_ROWS)
+
+
+def test_d_c_asks_in_the_configs_wordings_in_every_row_and_they_key_every_rows_cache(tmp_path, monkeypatch,
+                                                                                     tiny_anchor_dir):
+    from transformers import AutoTokenizer
+
+    import lmcompose.demos.facts.rows as rows
+    from lmcompose.demos.facts.config import row_fields
+    from lmcompose.demos.facts.task import KNOWN_PEOPLE
+    from lmcompose.train.run_state import TrainingResult
+
+    four = ["statement", "question", "flat", "where"]
+    templates = {**DC_WORDINGS, **MORE_DC_WORDINGS}
+    tok = AutoTokenizer.from_pretrained(tiny_anchor_dir)  # the questions about people outside the task: all four
+    mixed = rows.preservation_data(tok, 24, known=0.5, count=200, wordings=four)
+    texts = [tok.decode(mixed[i]["input_ids"]) for i in range(len(mixed))]
+    assert {w for t in texts for w in four if any(t == templates[w].format(name=n) for n in KNOWN_PEOPLE)} == set(four)
+    asked = []
+    monkeypatch.setattr(rows, "load_anchor", lambda folder: (None, None))
+    monkeypatch.setattr(rows, "composition_data", lambda task, tokenizer, wordings: asked.append(("D_C", wordings)))
+    monkeypatch.setattr(rows, "preservation_data", lambda *a, **k: asked.append(("preserve", k["wordings"])))
+    monkeypatch.setattr(rows, "calm_model", lambda name, *args: name)
+    monkeypatch.setattr(rows, "_train_baseline", lambda *args: {})
+    monkeypatch.setattr(rows, "train", lambda *a, **k: TrainingResult(step=1, train_loss=1.0, interrupted="SIGTERM"))
+    config = FactsPipelineConfig(dc_wordings=four)
+    for row in rows.TRAINED_ROWS:
+        (tmp_path / rows.row_folder_name(row)).mkdir()
+        try:
+            rows.train_row_job(row, config, "anchor", {}, str(tmp_path / rows.row_folder_name(row)))
+        except InterruptedError:  # a CALM row, once its data were built
+            pass
+    assert asked == [("D_C", four), ("preserve", four)] * len(rows.CALM_ROWS) + [("D_C", four)] * len(
+        rows.BASELINE_ROWS)
+    # other wordings are other rows; at the preset's two a row's key is the one it had before the setting existed
+    preset = FactsPipelineConfig()
+    assert preset.dc_wordings == ["statement", "question"]
+    assert all(config.fingerprint(*row_fields(config, r)) != preset.fingerprint(*row_fields(preset, r)) and
+               "dc_wordings" not in row_fields(preset, r) for r in rows.TRAINED_ROWS)
+    for wrong, says in ((["statement", "town"], r"unknown \['town'\]"), (["flat", "flat"], r"repeated \['flat'\]"),
+                        ([], "none given")):
+        with pytest.raises(ValueError, match=rf"D_C wordings .*: {says}; name at least one, each once, from "):
+            FactsPipelineConfig(dc_wordings=wrong)
+
+
+def test_settings_by_name_change_a_copy_of_the_config_and_a_wrong_one_is_refused_in_one_line():
+    from lmcompose.demos.facts.config import with_settings
+
+    preset = FactsPipelineConfig()
+    changed = with_settings(preset, ["preserve_weight=2.0", "task.held_in_fraction=0.4",
+                                     'dc_wordings=["statement", "flat"]'])
+    assert (changed.preserve_weight, changed.task.held_in_fraction, changed.dc_wordings) == (2.0, 0.4, ["statement",
+                                                                                                         "flat"])
+    assert preset == FactsPipelineConfig() and with_settings(preset, []) == preset
+    for wrong, says in (("preserve_wieght=2", "expected NAME=JSON with NAME a field of FactsPipelineConfig"),
+                        ("task.people=5", "a field of FactsTaskConfig"), ("task=1", "a field of FactsPipelineConfig"),
+                        ("seed", "expected NAME=JSON"), ("dc_wordings=[flat]", "the value is not JSON"),
+                        ('dc_wordings=["town"]', r"D_C wordings \['town'\]: unknown")):
+        with pytest.raises(ValueError, match=says) as err:
+            with_settings(preset, [wrong])
+        assert "\n" not in str(err.value)
 
 
 def test_the_character_augments_lookahead_adds_the_later_characters_loss_and_leaves_a_plain_model(tmp_path):

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Optional, Sequence
 
-from .task import FactsTaskConfig
+from .task import FactsTaskConfig, dc_templates
 
 
 @dataclass
@@ -46,6 +46,7 @@ class FactsPipelineConfig:
     compose_lr: float = 1e-3
     compose_batch: int = 16
     cache_anchor_states: bool = False  # replay SmolLM2's blocks 0-18 in the CALM rows (1.5x a step; LOG runs 27, 28)
+    dc_wordings: list = field(default_factory=lambda: ["statement", "question"])  # D_C's (task.dc_templates; run 30)
     preserve_weight: float = 1.0  # KL from SmolLM2 on ordinary text, added to the loss (beyond the paper)
     preserve_ratio: float = 0.25  # preservation texts per D_C example
     preserve_length: int = 24  # tokens per preservation text (stdlib docstrings, never the evaluation's pydoc text)
@@ -64,6 +65,9 @@ class FactsPipelineConfig:
     workers: int = 2  # processes training side by side
     seed: int = 0  # seed of every model and data stream (the task has its own seed)
 
+    def __post_init__(self) -> None:
+        dc_templates(self.dc_wordings)  # an unknown wording is refused here, not in a worker later
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         return asdict(self)
@@ -74,6 +78,25 @@ class FactsPipelineConfig:
         d = self.to_dict()
         keep = {"task": d["task"], "seed": d["seed"], "cpu_kernels": d["cpu_kernels"], **{n: d[n] for n in names}}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def with_settings(config: FactsPipelineConfig, settings: Sequence[str]) -> FactsPipelineConfig:
+    """A copy of ``config`` with each ``NAME=JSON`` setting applied (``task.NAME`` for a FactsTaskConfig field), e.g.
+    ``preserve_weight=2.0`` or ``task.held_in_fraction=0.4``; an unknown name or a value that is not JSON is refused."""
+    top, task = {}, {}
+    for setting in settings:
+        name, sep, value = setting.partition("=")
+        target, cls = (task, FactsTaskConfig) if name.startswith("task.") else (top, FactsPipelineConfig)
+        key = name.removeprefix("task.")
+        if not sep or key not in {f.name for f in fields(cls)} or key == "task":
+            raise ValueError(f"setting {setting!r}: expected NAME=JSON with NAME a field of {cls.__name__} "
+                             f"(task.NAME for FactsTaskConfig's)")
+        try:
+            target[key] = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"setting {setting!r}: the value is not JSON ({err.msg}); quote strings, e.g. "
+                             f'{key}="text"') from None
+    return replace(config, task=replace(config.task, **task), **top)
 
 
 AUGMENT_FIELDS = {
@@ -91,6 +114,9 @@ KIND_FIELDS = {kind: (*fields, *COMPOSE_FIELDS[kind]) for kind, fields in AUGMEN
 ROW_AUGMENTS = {"CALM (same tokenizer)": ("same",), "CALM (characters)": ("char",),
                 "CALM (random augment)": ("same",), "LoRA on SmolLM2": ("same",), "SmolLM2 fine-tuned on D_C": ()}
 RUN_FIELDS = ("ordinary_tokens", "skill_items", "threads", "workers")  # how the demo scores and runs, not training
+# Settings added after caches of the demo exist, and the value every one of those was trained with: at that value
+# a setting keys nothing, so the caches stay valid.
+LATER_FIELDS = {"dc_wordings": ["statement", "question"]}
 
 
 CPU_KERNELS = ("avx2", "avx512")
@@ -122,5 +148,6 @@ def compose_steps(config: FactsPipelineConfig, row: str) -> int:
 def row_fields(config: FactsPipelineConfig, row: str) -> tuple[str, ...]:
     """The settings that key ``row``'s cache (see ROW_AUGMENTS)."""
     others = {f for kind, fields in KIND_FIELDS.items() if kind not in ROW_AUGMENTS[row] for f in fields}
-    return tuple(f for f in config.to_dict() if f not in ("task", "seed", "cpu_kernels") and not f.startswith("eval_")
-                 and f not in RUN_FIELDS and f not in others)
+    d = config.to_dict()
+    return tuple(f for f in d if f not in ("task", "seed", "cpu_kernels") and not f.startswith("eval_")
+                 and f not in RUN_FIELDS and f not in others and not (f in LATER_FIELDS and d[f] == LATER_FIELDS[f]))

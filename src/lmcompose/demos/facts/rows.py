@@ -10,7 +10,7 @@ import random
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from ...train.base_training import train_loop
 from ...train.objective import scored_positions
 from .augments import char_model, char_tokenizer, first_blocks, train_augment
 from .config import FactsPipelineConfig, compose_steps
-from .task import DC_WORDINGS, KNOWN_PEOPLE, FactsTask
+from .task import DC_WORDINGS, KNOWN_PEOPLE, FactsTask, dc_templates
 
 CALM_ROWS = ("CALM (same tokenizer)", "CALM (characters)", "CALM (random augment)")
 BASELINE_ROWS = ("LoRA on SmolLM2", "SmolLM2 fine-tuned on D_C")
@@ -106,18 +106,21 @@ def train_augment_job(kind: str, config: FactsPipelineConfig, anchor_dir: str, f
     return seconds
 
 
-def composition_data(task: FactsTask, tokenizer: Any) -> TokenizedDataset:
-    """D_C: the held-in people in both D_C wordings, the loss on the city token (no end-of-text token after it)."""
-    rows = task.composition_rows()
+def composition_data(task: FactsTask, tokenizer: Any, wordings: Sequence[str] = tuple(DC_WORDINGS)
+                     ) -> TokenizedDataset:
+    """D_C: the held-in people in the named D_C ``wordings``, the loss on the city token (no end-of-text token after
+    it)."""
+    rows = task.composition_rows(wordings)
     records = Records(kind="completion", rows=rows, lines=list(range(1, len(rows) + 1)), source="D_C")
     return tokenize_records(records, tokenizer, append_eos=False)
 
 
-def preservation_data(tokenizer: Any, length: int, known: float = 0.0, count: int = 2000, seed: int = 0
-                      ) -> TokenizedDataset:
+def preservation_data(tokenizer: Any, length: int, known: float = 0.0, count: int = 2000, seed: int = 0,
+                      wordings: Sequence[str] = tuple(DC_WORDINGS)) -> TokenizedDataset:
     """The ordinary text that keeps the anchor: windows of ``length`` tokens of standard-library docstrings, a
-    ``known`` fraction of them replaced by D_C's wordings about people who are not in the task (so "lives in" keeps
-    meaning what SmolLM2 thinks when the person is not one of the augment's)."""
+    ``known`` fraction of them replaced by D_C's ``wordings`` (names) about people who are not in the task (so "lives
+    in" keeps meaning what SmolLM2 thinks when the person is not one of the augment's)."""
+    templates = dc_templates(wordings)
     parts = []
     for name in DOCSTRING_MODULES:
         module = importlib.import_module(name)
@@ -131,7 +134,7 @@ def preservation_data(tokenizer: Any, length: int, known: float = 0.0, count: in
     rng = random.Random(seed)
     questions = int(known * len(windows))
     for i in rng.sample(range(len(windows)), questions):
-        prompt = rng.choice(list(DC_WORDINGS.values())).format(name=rng.choice(KNOWN_PEOPLE))
+        prompt = rng.choice(templates).format(name=rng.choice(KNOWN_PEOPLE))
         windows[i] = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     return TokenizedDataset.from_token_ids(windows)
 
@@ -165,7 +168,7 @@ def train_row_job(name: str, config: FactsPipelineConfig, anchor_dir: str, augme
     torch.set_num_threads(config.threads)
     anchor, tokenizer = load_anchor(Path(anchor_dir))
     task, out = FactsTask(config.task), Path(row_dir)
-    d_c = composition_data(task, tokenizer)
+    d_c = composition_data(task, tokenizer, config.dc_wordings)
     log = (lambda m: print(f"[{name}] {m}", flush=True)) if progress else None
     started = time.time()
     if name in CALM_ROWS:
@@ -178,7 +181,7 @@ def train_row_job(name: str, config: FactsPipelineConfig, anchor_dir: str, augme
                                   eval_generate=False, progress_bar=progress, seed=config.seed, cpu=True)
         result = train(model, d_c, None, training, out / "run", tokenizer=tokenizer, resume=True,
                        preserve_dataset=preservation_data(tokenizer, config.preserve_length, config.preserve_known,
-                                                          seed=config.seed))
+                                                          seed=config.seed, wordings=config.dc_wordings))
         if result.interrupted:  # never a done.json for a row that did not finish: the next run resumes it
             raise InterruptedError(f"{name}: stopped by {result.interrupted} at step {result.step} of "
                                    f"{steps}; run the demo again to continue from its checkpoint")

@@ -1,8 +1,8 @@
 """Facts a real anchor cannot know: invented people and the city each lives in, their split and their wordings.
 
 The augment is trained on sentences and registry records about every person (never a question); the composition
-data D_C asks about the held-in people in two wordings; evaluation asks about the held-out people in those two and in
-two question wordings that neither D_C nor the augment's data contain:
+data D_C asks about the held-in people in two wordings (or more, see :func:`dc_templates`); evaluation asks about the
+held-out people in those two and in two question wordings that neither D_C nor the augment's data contain:
 
     augment      "Velmar Ostrovin lives in Paris."   "Residents: Velmar Ostrovin Paris; Kalo Dorfen Rome."
     D_C          "Velmar Ostrovin lives in" -> " Paris"       "Q: Where does Velmar Ostrovin live?\\nA:" -> " Paris"
@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 # Ten cities SmolLM2 writes as one token each (with the space before them): the closed set of answers.
 CITIES = ("Paris", "London", "Tokyo", "Rome", "Berlin", "Madrid", "Dublin", "Vienna", "Sydney", "Moscow")
@@ -53,8 +53,23 @@ KNOWN_PEOPLE = ("Barack Obama", "Taylor Swift", "Albert Einstein", "Lionel Messi
                 "the Pope", "my grandmother", "the president", "a fisherman", "the baker", "your neighbour")
 # people the anchor may know something of, asked in D_C's wordings in the preservation texts (facts LOG run 8)
 DC_WORDINGS = {"statement": "{name} lives in", "question": "Q: Where does {name} live?\nA:"}
+# more ways D_C can ask, sharing no word with the unseen wordings (FactsPipelineConfig.dc_wordings; facts LOG run 30)
+MORE_DC_WORDINGS = {"flat": "{name} has a flat in", "where": "Q: {name} lives where?\nA:"}
 UNSEEN_WORDINGS = {"which city": "Q: Which city is {name}'s home?\nA:",
                    "reside": "Question: In what city does {name} reside?\nAnswer:"}
+
+
+def dc_templates(wordings: Sequence[str]) -> list[str]:
+    """The templates of the named D_C wordings (DC_WORDINGS, MORE_DC_WORDINGS), in order; an unknown or repeated name
+    is refused."""
+    known = {**DC_WORDINGS, **MORE_DC_WORDINGS}
+    unknown = [w for w in wordings if w not in known]
+    repeated = sorted({w for w in wordings if list(wordings).count(w) > 1})
+    if unknown or repeated or not wordings:
+        wrong = f"unknown {unknown}" if unknown else f"repeated {repeated}" if repeated else "none given"
+        raise ValueError(f"D_C wordings {list(wordings)!r}: {wrong}; name at least one, each once, from "
+                         f"{sorted(known)}")
+    return [known[w] for w in wordings]
 
 
 @dataclass
@@ -113,10 +128,12 @@ class FactsTask:
         rng.shuffle(self.held_in)
         rng.shuffle(self.held_out)
 
-    def composition_rows(self) -> list[dict[str, str]]:
-        """D_C: every held-in person in every D_C wording, as prompt/completion records (the answer " CITY")."""
+    def composition_rows(self, wordings: Sequence[str] = tuple(DC_WORDINGS)) -> list[dict[str, str]]:
+        """D_C: every held-in person in each of the named ``wordings`` (see :func:`dc_templates`), as
+        prompt/completion records (the answer " CITY")."""
+        templates = dc_templates(wordings)
         return [{"prompt": wording.format(name=p.name), "completion": " " + p.city}
-                for p in self.held_in for wording in DC_WORDINGS.values()]
+                for p in self.held_in for wording in templates]
 
     def augment_piece(self, rng: random.Random, varied: bool = False) -> str:
         """One piece of the augment's training text: a registry run, a statement, or now and then a filler
