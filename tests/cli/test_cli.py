@@ -266,27 +266,47 @@ def test_demo_command_runs_the_pipeline_with_its_options_and_prints_the_table(tm
 def test_demo_facts_runs_its_pipeline_with_the_seed_and_bad_names_or_options_are_one_line_errors(tmp_path, monkeypatch,
                                                                                                    capsys):
     import lmcompose.demos.facts.pipeline as facts
+    from lmcompose.demos.facts.config import FactsPipelineConfig
+    from lmcompose.demos.facts.task import FactsTaskConfig
 
     calls = []
 
-    def fake_demo(output_dir, progress=True, seed=0):
-        calls.append((output_dir, progress, seed))
+    def fake_demo(output_dir, progress=True, config=None, seed=0):
+        calls.append((output_dir, progress, config, seed))
         (tmp_path / "f" / "results.md").parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "f" / "results.md").write_text("| CALM (same tokenizer) | 81.0 |\n")
         return {"rows": {}}
 
     monkeypatch.setattr(facts, "run_demo", fake_demo)
     assert main(["demo", "facts", "--output", str(tmp_path / "f"), "--seed", "2", "--no-progress"]) == 0
-    assert calls == [(str(tmp_path / "f"), False, 2)] and "| CALM (same tokenizer) | 81.0 |" in capsys.readouterr().out
+    preset2 = FactsPipelineConfig(task=FactsTaskConfig(seed=2), seed=2)
+    assert calls == [(str(tmp_path / "f"), False, preset2, 2)]
+    assert "| CALM (same tokenizer) | 81.0 |" in capsys.readouterr().out
     monkeypatch.chdir(tmp_path)
-    assert main(["demo", "facts"]) == 0 and calls[-1] == ("lmcompose-demo-facts", True, 0)  # its own default output
+    assert main(["demo", "facts"]) == 0 and calls[-1] == ("lmcompose-demo-facts", True, FactsPipelineConfig(), 0)
+    # settings by name, on top of the seed's preset (and from a --config file, as a list)
+    assert main(["demo", "facts", "--seed", "1", "--set", "cache_anchor_states=true", "--set",
+                 'dc_wordings=["statement", "flat"]', "--set", "task.held_in_fraction=0.4"]) == 0
+    config = calls[-1][2]
+    assert (config.seed, config.task.seed, config.cache_anchor_states, config.dc_wordings,
+            config.task.held_in_fraction) == (1, 1, True, ["statement", "flat"], 0.4)
+    (tmp_path / "facts.yaml").write_text("set:\n  - preserve_weight=2.0\n")
+    assert main(["demo", "facts", "--config", str(tmp_path / "facts.yaml")]) == 0
+    assert calls[-1][2] == FactsPipelineConfig(preserve_weight=2.0)
     capsys.readouterr()
+    calls.clear()
     for argv, message in ((["demo", "trivia"], "invalid choice: 'trivia' (choose from 'kv', 'facts')"),
                           (["demo", "facts", "--seed", "-3"], "must be a non-negative integer, got -3"),
-                          (["demo", "facts", "--preset", "paper"], "--preset applies to the kv demo")):
+                          (["demo", "facts", "--preset", "paper"], "--preset applies to the kv demo"),
+                          (["demo", "facts", "--set", "preserve_wieght=2"],
+                           "--set: setting 'preserve_wieght=2': expected NAME=JSON with NAME a field of "
+                           "FactsPipelineConfig"),
+                          (["demo", "facts", "--set", 'dc_wordings=["town"]'], "D_C wordings ['town']: unknown"),
+                          (["demo", "kv", "--set", "seed=1"], "--set applies to the facts demo")):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert calls == []  # refused before the demo starts
 
 
 def test_a_demo_refuses_an_output_directory_holding_another_demos_files(tmp_path, capsys):

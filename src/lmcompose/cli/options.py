@@ -271,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--progress", action=argparse.BooleanOptionalAction, help="print progress (default: on)")
     demo.add_argument("--seed", type=_non_negative, metavar="N",
                       help="seed of the task and of every model and data stream (default: 0)")
+    demo.add_argument("--set", action="append", metavar="NAME=JSON",
+                      help="facts only, repeatable: one setting of FactsPipelineConfig (task.NAME: of "
+                      "FactsTaskConfig), its value as JSON, e.g. cache_anchor_states=true or "
+                      "'dc_wordings=[\"statement\",\"question\",\"flat\",\"where\"]'; each setting keys the "
+                      "caches it changes (default: the preset)")
     return parser
 
 
