@@ -148,6 +148,13 @@ def test_the_pipeline_end_to_end_then_from_its_caches(tiny_anchor_dir, tmp_path,
     from lmcompose.demos.jobs import cpu_model
 
     assert results["cpu"] == cpu_model() and f"CPU: {results['cpu']} " in report
+    from lmcompose.demos.facts.config import with_settings
+    from lmcompose.demos.facts.report import changed_settings
+
+    changed = changed_settings(results["config"])  # the report's settings line runs this config again
+    assert "Settings: the preset but " + " ".join(changed) in report
+    assert with_settings(FactsPipelineConfig(task=FactsTaskConfig(seed=tiny_config().task.seed),
+                                             seed=tiny_config().seed), changed) == tiny_config()
 
     from lmcompose.demos.facts.scoring import score_rows
 
@@ -332,6 +339,13 @@ def test_settings_by_name_change_a_copy_of_the_config_and_a_wrong_one_is_refused
     assert (changed.preserve_weight, changed.task.held_in_fraction, changed.dc_wordings) == (2.0, 0.4, ["statement",
                                                                                                          "flat"])
     assert preset == FactsPipelineConfig() and with_settings(preset, []) == preset
+    from lmcompose.demos.facts.report import changed_settings
+
+    assert changed_settings(preset.to_dict()) == [] and changed_settings(changed.to_dict()) == [
+        "task.held_in_fraction=0.4", 'dc_wordings=["statement", "flat"]', "preserve_weight=2.0"]
+    seeded = FactsPipelineConfig(task=FactsTaskConfig(seed=3), seed=3)
+    assert changed_settings(seeded.to_dict()) == []  # a seed is the --seed flag, not a setting
+    assert changed_settings(with_settings(seeded, ["task.seed=5"]).to_dict()) == ["task.seed=5"]
     for wrong, says in (("preserve_wieght=2", "expected NAME=JSON with NAME a field of FactsPipelineConfig"),
                         ("task.people=5", "a field of FactsTaskConfig"), ("task=1", "a field of FactsPipelineConfig"),
                         ("seed", "expected NAME=JSON"), ("dc_wordings=[flat]", "the value is not JSON"),

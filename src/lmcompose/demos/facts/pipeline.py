@@ -90,8 +90,7 @@ def run_demo(output_dir: str, progress: bool = True, config: Optional[FactsPipel
         task = FactsTask(config.task)
         capability = run_jobs(cpu_capability, [()], 1, job_environment(config))[0]  # what the jobs computed with
         results = {"demo": DEMO, "config": config.to_dict(), "cpu": cpu_model(), "cpu_capability": capability,
-                   "rows": rows,
-                   "seconds": seconds,
+                   "rows": rows, "seconds": seconds,
                    "cached": prepared["cached"], "held_in_people": len(task.held_in), "held_out_people": len(task.held_out)}
         write_report(results, out)
     return results

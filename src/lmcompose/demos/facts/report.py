@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from ...io.atomic import atomic_write, atomic_write_text
-from .task import DC_WORDINGS, UNSEEN_WORDINGS
+from .config import FactsPipelineConfig
+from .task import DC_WORDINGS, UNSEEN_WORDINGS, FactsTaskConfig
 
 WORDINGS = (*DC_WORDINGS, *UNSEEN_WORDINGS)
 
@@ -15,6 +16,15 @@ WORDINGS = (*DC_WORDINGS, *UNSEEN_WORDINGS)
 def _cell(row: dict[str, Any], key: str, digits: int = 1) -> str:
     value = row.get(key)
     return "-" if value is None else (f"{value:,}" if isinstance(value, int) else f"{value:.{digits}f}")
+
+
+def changed_settings(config: dict[str, Any]) -> list[str]:
+    """The settings of a run's config (``FactsPipelineConfig.to_dict()``) that differ from its seed's preset, as
+    ``NAME=JSON`` (``task.NAME`` for the task's): what ``lmcompose demo facts --set`` takes to run it again."""
+    seed = config["seed"]  # --seed sets both seeds; a task seed of its own is a setting
+    preset = FactsPipelineConfig(task=FactsTaskConfig(seed=seed), seed=seed).to_dict()
+    changed = [f"task.{k}={json.dumps(v)}" for k, v in config["task"].items() if v != preset["task"].get(k)]
+    return changed + [f"{k}={json.dumps(v)}" for k, v in config.items() if k != "task" and v != preset.get(k)]
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -51,7 +61,9 @@ def markdown(results: dict[str, Any]) -> str:
         change = 100 * (row["loss"] / anchor["loss"] - 1)
         lines.append(f"| {name} | {row['loss']:.4f} | {change:+.2f}% | {row['kl']:.4f} | {_cell(row, 'skill')} | "
                      f"{_cell(row, 'trainable_params')} | {_cell(row, 'train_seconds', 0)} |")
-    lines += ["", "Seconds: " + ", ".join(f"{k} {v}" for k, v in results["seconds"].items()),
+    changed = changed_settings(config)
+    lines += ["", "Settings: " + ("the preset" if not changed else "the preset but " + " ".join(changed)),
+              "Seconds: " + ", ".join(f"{k} {v}" for k, v in results["seconds"].items()),
               f"Cached: {json.dumps(results['cached'])}",
               f"CPU kernels: {results.get('cpu_capability', 'not recorded')} (every job's "
               "torch.backends.cpu.get_cpu_capability(); the figures depend on it)",
