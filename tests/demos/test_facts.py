@@ -342,7 +342,7 @@ def test_settings_by_name_change_a_copy_of_the_config_and_a_wrong_one_is_refused
     from lmcompose.demos.facts.report import changed_settings
 
     assert changed_settings(preset.to_dict()) == [] and changed_settings(changed.to_dict()) == [
-        "task.held_in_fraction=0.4", 'dc_wordings=["statement", "flat"]', "preserve_weight=2.0"]
+        "task.held_in_fraction=0.4", 'dc_wordings=["statement","flat"]', "preserve_weight=2.0"]
     seeded = FactsPipelineConfig(task=FactsTaskConfig(seed=3), seed=3)
     assert changed_settings(seeded.to_dict()) == []  # a seed is the --seed flag, not a setting
     assert changed_settings(with_settings(seeded, ["task.seed=5"]).to_dict()) == ["task.seed=5"]

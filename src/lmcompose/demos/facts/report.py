@@ -18,13 +18,17 @@ def _cell(row: dict[str, Any], key: str, digits: int = 1) -> str:
     return "-" if value is None else (f"{value:,}" if isinstance(value, int) else f"{value:.{digits}f}")
 
 
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))  # no spaces: one shell word once quoted
+
+
 def changed_settings(config: dict[str, Any]) -> list[str]:
     """The settings of a run's config (``FactsPipelineConfig.to_dict()``) that differ from its seed's preset, as
     ``NAME=JSON`` (``task.NAME`` for the task's): what ``lmcompose demo facts --set`` takes to run it again."""
     seed = config["seed"]  # --seed sets both seeds; a task seed of its own is a setting
     preset = FactsPipelineConfig(task=FactsTaskConfig(seed=seed), seed=seed).to_dict()
-    changed = [f"task.{k}={json.dumps(v)}" for k, v in config["task"].items() if v != preset["task"].get(k)]
-    return changed + [f"{k}={json.dumps(v)}" for k, v in config.items() if k != "task" and v != preset.get(k)]
+    changed = [f"task.{k}={_compact(v)}" for k, v in config["task"].items() if v != preset["task"].get(k)]
+    return changed + [f"{k}={_compact(v)}" for k, v in config.items() if k != "task" and v != preset.get(k)]
 
 
 def markdown(results: dict[str, Any]) -> str:
