@@ -19,13 +19,11 @@ def main() -> None:
                    help="a FactsPipelineConfig field (task.NAME: a FactsTaskConfig one), its value as JSON")
     args = p.parse_args()
 
-    from lmcompose.demos.facts.config import FactsPipelineConfig, with_settings
+    from lmcompose.demos.facts.config import preset, with_settings
     from lmcompose.demos.facts.pipeline import run_demo
-    from lmcompose.demos.facts.task import FactsTaskConfig
 
-    config = FactsPipelineConfig(task=FactsTaskConfig(seed=args.seed), seed=args.seed, cache_anchor_states=True)
     try:
-        config = with_settings(config, args.set)
+        config = with_settings(preset(args.seed, cache_anchor_states=True), args.set)
     except ValueError as err:
         raise SystemExit(f"--set: {err}") from None
     run_demo(str(args.out), config=config)

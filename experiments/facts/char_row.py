@@ -29,15 +29,15 @@ def main() -> None:
     import torch
 
     from lmcompose.demos.facts import evaluation, scoring
-    from lmcompose.demos.facts.config import AUGMENT_FIELDS, FactsPipelineConfig, with_settings
+    from lmcompose.demos.facts.config import AUGMENT_FIELDS, preset, with_settings
     from lmcompose.demos.facts.rows import load_anchor, train_row_job
-    from lmcompose.demos.facts.task import FactsTask, FactsTaskConfig
+    from lmcompose.demos.facts.task import FactsTask
 
-    preset = FactsPipelineConfig(task=FactsTaskConfig(seed=args.seed), seed=args.seed, threads=args.threads)
-    augments = {kind: str(args.demo / "augments" / preset.fingerprint(*AUGMENT_FIELDS[kind]))
+    seed_preset = preset(args.seed, threads=args.threads)
+    augments = {kind: str(args.demo / "augments" / seed_preset.fingerprint(*AUGMENT_FIELDS[kind]))
                 for kind in ("same", "char")}
     try:
-        config = with_settings(preset, args.set)
+        config = with_settings(seed_preset, args.set)
     except ValueError as err:
         raise SystemExit(f"--set: {err}") from None
     row = args.row

@@ -30,11 +30,11 @@ import torch
 from safetensors.torch import load_file
 
 from lmcompose.demos.facts import scoring
-from lmcompose.demos.facts.config import FactsPipelineConfig
+from lmcompose.demos.facts.config import preset
 from lmcompose.demos.facts.rows import load_augment, train_augment_job
-from lmcompose.demos.facts.task import FactsTask, FactsTaskConfig
+from lmcompose.demos.facts.task import FactsTask
 
-config = FactsPipelineConfig(task=FactsTaskConfig(seed=args.seed), seed=args.seed, threads=args.threads)
+config = preset(args.seed, threads=args.threads)
 if args.steps is not None:
     config.char_steps = args.steps
 figures = {"capability": torch.backends.cpu.get_cpu_capability(), **{k: os.environ.get(k) for k in KNOBS},

@@ -24,13 +24,12 @@ args = p.parse_args()
 import torch
 
 from lmcompose.demos.facts import evaluation, scoring
-from lmcompose.demos.facts.config import AUGMENT_FIELDS, FactsPipelineConfig
+from lmcompose.demos.facts.config import AUGMENT_FIELDS, preset
 from lmcompose.demos.facts.rows import load_anchor, load_augment, save_anchor, train_augment_job, train_row_job
-from lmcompose.demos.facts.task import FactsTask, FactsTaskConfig
+from lmcompose.demos.facts.task import FactsTask
 from lmcompose.model.composed import ComposedModel
 
-config = FactsPipelineConfig(task=FactsTaskConfig(seed=args.seed), seed=args.seed, threads=args.threads,
-                             char_lookahead=args.lookahead)
+config = preset(args.seed, threads=args.threads, char_lookahead=args.lookahead)
 if args.compose_steps is not None:
     config.char_compose_steps = args.compose_steps
 out = args.out

@@ -188,13 +188,11 @@ def run_demo(opts: argparse.Namespace) -> int:
     if opts.name == "facts":
         if opts.preset != "quick":
             raise CliError("lmcompose demo: error: --preset applies to the kv demo; the facts demo has one preset")
-        from ..demos.facts.config import FactsPipelineConfig, with_settings
+        from ..demos.facts.config import preset, with_settings
         from ..demos.facts.pipeline import run_demo as facts
-        from ..demos.facts.task import FactsTaskConfig
 
-        preset = FactsPipelineConfig(task=FactsTaskConfig(seed=opts.seed), seed=opts.seed)
         try:
-            config = with_settings(preset, opts.set or [])
+            config = with_settings(preset(opts.seed), opts.set or [])
         except ValueError as err:
             raise CliError(f"lmcompose demo: error: --set: {err}") from None
         results = facts(output, progress=opts.progress, config=config, seed=opts.seed)

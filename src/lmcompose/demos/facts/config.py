@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Optional, Sequence
 
-from .task import FactsTaskConfig, dc_templates
+from .task import DC_WORDINGS, FactsTaskConfig, dc_templates
 
 
 @dataclass
@@ -46,7 +46,7 @@ class FactsPipelineConfig:
     compose_lr: float = 1e-3
     compose_batch: int = 16
     cache_anchor_states: bool = False  # replay SmolLM2's blocks 0-18 in the CALM rows (1.5x a step; LOG runs 27, 28)
-    dc_wordings: list = field(default_factory=lambda: ["statement", "question"])  # D_C's (task.dc_templates; run 30)
+    dc_wordings: list = field(default_factory=lambda: list(DC_WORDINGS))  # D_C's (task.dc_templates; LOG run 30)
     preserve_weight: float = 1.0  # KL from SmolLM2 on ordinary text, added to the loss (beyond the paper)
     preserve_ratio: float = 0.25  # preservation texts per D_C example
     preserve_length: int = 24  # tokens per preservation text (stdlib docstrings, never the evaluation's pydoc text)
@@ -78,6 +78,11 @@ class FactsPipelineConfig:
         d = self.to_dict()
         keep = {"task": d["task"], "seed": d["seed"], "cpu_kernels": d["cpu_kernels"], **{n: d[n] for n in names}}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def preset(seed: int = 0, **changes: Any) -> FactsPipelineConfig:
+    """The demo's preset for ``seed`` (the task's and every model's, as ``--seed`` sets them), with ``changes``."""
+    return FactsPipelineConfig(task=FactsTaskConfig(seed=seed), seed=seed, **changes)
 
 
 def with_settings(config: FactsPipelineConfig, settings: Sequence[str]) -> FactsPipelineConfig:
@@ -116,7 +121,7 @@ ROW_AUGMENTS = {"CALM (same tokenizer)": ("same",), "CALM (characters)": ("char"
 RUN_FIELDS = ("ordinary_tokens", "skill_items", "threads", "workers")  # how the demo scores and runs, not training
 # Settings added after caches of the demo exist, and the value every one of those was trained with: at that value
 # a setting keys nothing, so the caches stay valid.
-LATER_FIELDS = {"dc_wordings": ["statement", "question"]}
+LATER_FIELDS = {"dc_wordings": list(DC_WORDINGS)}
 
 
 CPU_KERNELS = ("avx2", "avx512")

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 
 from ..jobs import cpu_capability, cpu_model, run_jobs
 from ..output import demo_output
-from .config import AUGMENT_FIELDS, FactsPipelineConfig, job_environment, row_fields
+from .config import AUGMENT_FIELDS, FactsPipelineConfig, job_environment, preset, row_fields
 from .rows import TRAINED_ROWS, row_folder_name, save_anchor, train_augment_job, train_row_job
 from .task import FactsTask
 
@@ -76,9 +76,7 @@ def run_demo(output_dir: str, progress: bool = True, config: Optional[FactsPipel
     from .scoring import score_rows
 
     if config is None:
-        from .task import FactsTaskConfig
-
-        config = FactsPipelineConfig(task=FactsTaskConfig(seed=seed), seed=seed)
+        config = preset(seed)
     with demo_output(Path(output_dir), DEMO) as out:
         log = print if progress else None
         started = time.time()

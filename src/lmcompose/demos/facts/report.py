@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from ...io.atomic import atomic_write, atomic_write_text
-from .config import FactsPipelineConfig
-from .task import DC_WORDINGS, UNSEEN_WORDINGS, FactsTaskConfig
+from .config import preset
+from .task import DC_WORDINGS, UNSEEN_WORDINGS
 
 WORDINGS = (*DC_WORDINGS, *UNSEEN_WORDINGS)
 
@@ -25,10 +25,9 @@ def _compact(value: Any) -> str:
 def changed_settings(config: dict[str, Any]) -> list[str]:
     """The settings of a run's config (``FactsPipelineConfig.to_dict()``) that differ from its seed's preset, as
     ``NAME=JSON`` (``task.NAME`` for the task's): what ``lmcompose demo facts --set`` takes to run it again."""
-    seed = config["seed"]  # --seed sets both seeds; a task seed of its own is a setting
-    preset = FactsPipelineConfig(task=FactsTaskConfig(seed=seed), seed=seed).to_dict()
-    changed = [f"task.{k}={_compact(v)}" for k, v in config["task"].items() if v != preset["task"].get(k)]
-    return changed + [f"{k}={_compact(v)}" for k, v in config.items() if k != "task" and v != preset.get(k)]
+    seeds = preset(config["seed"]).to_dict()  # --seed sets both seeds; a task seed of its own is a setting
+    changed = [f"task.{k}={_compact(v)}" for k, v in config["task"].items() if v != seeds["task"].get(k)]
+    return changed + [f"{k}={_compact(v)}" for k, v in config.items() if k != "task" and v != seeds.get(k)]
 
 
 def markdown(results: dict[str, Any]) -> str:
